@@ -1,0 +1,79 @@
+"""The main job: PTP generation on a target, against no speculation, measured in one run."""
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, SpecDecodeStats, spec_decode_stats
+
+
+@dataclass
+class RunResult:
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float
+    stats: SpecDecodeStats
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(len(t) for t in self.token_ids) / self.seconds
+
+
+def generate(target: str, chats: list[list[dict]], sampling_params, speculative_config=None):
+    """Start an engine, warm it up, time one `chat` call over all conversations, shut down."""
+    from vllm import LLM
+
+    llm = LLM(model=target, speculative_config=speculative_config, **TESTBED_ENGINE_KWARGS)
+    try:
+        llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up
+        before = spec_decode_stats(llm)
+        start = time.perf_counter()
+        outputs = llm.chat(chats, sampling_params)
+        seconds = time.perf_counter() - start
+        stats = spec_decode_stats(llm).minus(before)
+    finally:
+        del llm
+        gc.collect()
+    return RunResult(
+        texts=[o.outputs[0].text for o in outputs],
+        token_ids=[list(o.outputs[0].token_ids) for o in outputs],
+        seconds=seconds,
+        stats=stats,
+    )
+
+
+def run_demo(
+    target: str | Path,
+    checkpoint: str | Path,
+    chats: list[list[dict]],
+    k: int,
+    max_tokens: int,
+    temperature: float,
+) -> tuple[RunResult, RunResult]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=0)
+    baseline = generate(str(target), chats, params)
+    ptp = generate(
+        str(target), chats, params, {"model": str(checkpoint), "num_speculative_tokens": k}
+    )
+    return baseline, ptp
+
+
+def report(baseline: RunResult, ptp: RunResult, shown: int = 2) -> str:
+    lines = []
+    for i, text in enumerate(ptp.texts[:shown]):
+        lines.append(f"--- answer {i + 1} (PTP) ---\n{text.strip()}")
+    same = sum(a == b for a, b in zip(baseline.token_ids, ptp.token_ids))
+    lines += [
+        "---",
+        f"identical outputs with and without PTP: {same}/{len(ptp.token_ids)}",
+        f"mean accepted tokens per step (tau): {ptp.stats.mean_accepted_length:.2f}",
+        f"acceptance by draft position: "
+        + " ".join(f"{a:.2f}" for a in ptp.stats.acceptance_by_position),
+        f"no speculation: {baseline.tokens_per_second:.1f} tok/s",
+        f"PTP:            {ptp.tokens_per_second:.1f} tok/s",
+        f"speed-up: {ptp.tokens_per_second / baseline.tokens_per_second:.2f}x",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""The paper's PTP drafter: the target's own Llama weights plus LoRA adapters that are switched on
+only at auxiliary positions, whose inputs are embeddings of the uniforms u.
+
+One module serves training and vLLM: the caller supplies the context K/V (from a full target
+forward in training, from vLLM's paged KV cache at inference) and the query rows to compute.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm_ptp.config import PTPConfig
+from vllm_ptp.models.target import TargetLayer, TargetView
+
+# layer index -> (keys, values), each [sequences, kv_heads, context_len, head_dim], after RoPE.
+ContextKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DraftQuery:
+    """The rows one drafter pass computes, for N sequences of Q rows each."""
+
+    inputs_embeds: torch.Tensor  # [N, Q, hidden]
+    positions: torch.Tensor  # [N, Q] int64 RoPE positions
+    lora_gate: torch.Tensor  # [N, Q] bool: adapters on (auxiliary rows)
+    self_mask: torch.Tensor  # [N, Q, Q] bool: row i may attend row j
+    context_mask: torch.Tensor  # [N, Q, L] bool: row i may attend context position l
+
+
+class UEmbedding(nn.Module):
+    """u in [0, 1) -> hidden vector, by linear interpolation between learned vectors.
+
+    kind="constant" ignores u (one vector): the independent-parallel-drafting ablation.
+    """
+
+    def __init__(self, kind: str, size: int, hidden_size: int):
+        super().__init__()
+        num_vectors = size if kind == "interpolated" else 1
+        self.weight = nn.Parameter(torch.randn(num_vectors, hidden_size) * 0.02)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        num_vectors = self.weight.shape[0]
+        if num_vectors == 1:
+            return self.weight[0].expand(*u.shape, -1)
+        scaled = u.float().clamp(0.0, 1.0) * (num_vectors - 1)
+        lower = scaled.floor().long().clamp_(max=num_vectors - 1)
+        upper = (lower + 1).clamp_(max=num_vectors - 1)
+        frac = (scaled - lower).unsqueeze(-1).to(self.weight.dtype)
+        return torch.lerp(self.weight[lower], self.weight[upper], frac)
+
+
+class LoraAdapter(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(rank, in_features) / in_features**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # starts as the target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.lora_A.T) @ self.lora_B.T
+
+
+def lora_shapes(config: PTPConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every adaptable projection of the target."""
+    t = config.target
+    q_size, kv_size = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    h, i = t.hidden_size, t.intermediate_size
+    return {
+        "q_proj": (h, q_size),
+        "k_proj": (h, kv_size),
+        "v_proj": (h, kv_size),
+        "o_proj": (q_size, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class GatedLoraDrafter(nn.Module):
+    """Gated-LoRA PTP drafter. Its parameters are only the adapters and the u-embedding; the
+    target's weights are bound at run time with `bind_target` and never copied or saved."""
+
+    def __init__(self, config: PTPConfig):
+        super().__init__()
+        self.config = config
+        self.scaling = config.lora_scaling
+        self.u_embedding = UEmbedding(
+            config.u_embedding, config.u_embedding_size, config.target.hidden_size
+        )
+        shapes = lora_shapes(config)
+        self.lora = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    name: LoraAdapter(*shapes[name], config.lora_rank)
+                    for name in config.lora_modules
+                }
+            )
+            for _ in range(config.target.num_hidden_layers)
+        )
+        self.target: TargetView | None = None
+
+    def bind_target(self, target: TargetView) -> None:
+        self.target = target
+
+    def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self.named_parameters()}
+
+    def forward(self, query: DraftQuery, context: ContextKV) -> torch.Tensor:
+        """Final-norm hidden states of every query row: [N, Q, hidden]."""
+        target = self.target
+        assert target is not None, "bind_target() before running the drafter"
+        hidden = query.inputs_embeds
+        cos, sin = self._rope(query.positions, hidden.dtype)
+        gate = query.lora_gate.unsqueeze(-1).to(hidden.dtype)
+        mask = torch.cat((query.context_mask, query.self_mask), dim=-1).unsqueeze(1)
+        for index, (weights, adapters) in enumerate(zip(target.layers, self.lora)):
+            hidden = self._layer(hidden, weights, adapters, gate, cos, sin, mask, context(index))
+        return _rms_norm(hidden, target.final_norm, target.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.target is not None
+        return self.target.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        target = self.target
+        exponent = torch.arange(0, target.head_dim, 2, device=positions.device) / target.head_dim
+        inv_freq = 1.0 / (target.rope_theta ** exponent.double())
+        freqs = positions.unsqueeze(-1).double() * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [N, 1, Q, head_dim]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _adapt(
+        self, base: torch.Tensor, x: torch.Tensor, adapters: nn.ModuleDict, name: str,
+        gate: torch.Tensor,
+    ) -> torch.Tensor:
+        """Target projection output plus the gated LoRA delta (zero at non-auxiliary rows)."""
+        if name not in adapters:
+            return base
+        return base + self.scaling * adapters[name](x * gate)
+
+    def _layer(
+        self,
+        hidden: torch.Tensor,
+        w: TargetLayer,
+        adapters: nn.ModuleDict,
+        gate: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        context_kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        target = self.target
+        n, q_len, hidden_size = hidden.shape
+        flat_gate = gate.reshape(n * q_len, 1)
+
+        def adapt(base, x, name):
+            return self._adapt(base, x, adapters, name, flat_gate)
+
+        def heads(t: torch.Tensor, count: int) -> torch.Tensor:
+            return t.reshape(n, q_len, count, target.head_dim).transpose(1, 2)
+
+        x = _rms_norm(hidden, w.input_norm, target.rms_norm_eps).reshape(n * q_len, hidden_size)
+        q, k, v = w.qkv(x)
+        q = heads(adapt(q, x, "q_proj"), target.num_heads)
+        k = heads(adapt(k, x, "k_proj"), target.num_kv_heads)
+        v = heads(adapt(v, x, "v_proj"), target.num_kv_heads)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        context_k, context_v = context_kv
+        keys = torch.cat((context_k.to(k.dtype), k), dim=2)
+        values = torch.cat((context_v.to(v.dtype), v), dim=2)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        attn = attn.transpose(1, 2).reshape(n * q_len, -1)
+        hidden = hidden + adapt(w.o_proj(attn), attn, "o_proj").view(n, q_len, hidden_size)
+
+        x = _rms_norm(hidden, w.post_norm, target.rms_norm_eps).reshape(n * q_len, hidden_size)
+        gate_out, up_out = w.gate_up(x)
+        mlp = F.silu(adapt(gate_out, x, "gate_proj")) * adapt(up_out, x, "up_proj")
+        down = adapt(w.down_proj(mlp), mlp, "down_proj")
+        return hidden + down.view(n, q_len, hidden_size)

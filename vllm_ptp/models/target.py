@@ -1,0 +1,125 @@
+"""A Llama target as the drafter sees it: its own projections, norms, embedding and LM head.
+
+The drafter calls the target's modules instead of copying weights, so they are shared, never
+duplicated, and vLLM's packed CPU GEMMs (which drop `.weight` after loading) are used as they
+are. Two constructors: from a vLLM model (fused qkv / gate_up) and from a transformers model.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TargetLayer:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    o_proj: Projection
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    down_proj: Projection
+
+
+@dataclass
+class TargetView:
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor]  # token ids -> [.., hidden]
+    layers: list[TargetLayer]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: Projection  # [tokens, hidden] -> [tokens, vocab]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    dtype: torch.dtype
+
+
+def _rope_theta(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(
+            f"the PTP drafter implements plain RoPE; this target uses rope_type={rope_type!r}."
+        )
+    return float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+
+
+def _head_dims(hf_config) -> tuple[int, int, int]:
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+
+
+def _vllm_split(module: nn.Module, sizes: list[int]):
+    def project(x: torch.Tensor):
+        out, _ = module(x)
+        return out.split(sizes, dim=-1)
+
+    return project
+
+
+def _vllm_linear(module: nn.Module) -> Projection:
+    return lambda x: module(x)[0]
+
+
+def from_vllm_llama(model: nn.Module, hf_config) -> TargetView:
+    """The target as served by vLLM (LlamaForCausalLM with fused qkv_proj and gate_up_proj)."""
+    heads, kv_heads, head_dim = _head_dims(hf_config)
+    qkv_sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    inter = hf_config.intermediate_size
+    layers = [
+        TargetLayer(
+            input_norm=layer.input_layernorm.weight,
+            qkv=_vllm_split(layer.self_attn.qkv_proj, qkv_sizes),
+            o_proj=_vllm_linear(layer.self_attn.o_proj),
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=_vllm_split(layer.mlp.gate_up_proj, [inter, inter]),
+            down_proj=_vllm_linear(layer.mlp.down_proj),
+        )
+        for layer in model.model.layers
+    ]
+    return TargetView(
+        embed_tokens=model.model.embed_tokens,
+        layers=layers,
+        final_norm=model.model.norm.weight,
+        lm_head=model.compute_logits,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=_rope_theta(hf_config),
+        rms_norm_eps=hf_config.rms_norm_eps,
+        dtype=model.model.norm.weight.dtype,
+    )
+
+
+def from_hf_llama(model: nn.Module) -> TargetView:
+    """The target as a transformers LlamaForCausalLM (separate q/k/v and gate/up)."""
+    heads, kv_heads, head_dim = _head_dims(model.config)
+
+    def layer_view(layer: nn.Module) -> TargetLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return TargetLayer(
+            input_norm=layer.input_layernorm.weight,
+            qkv=lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)),
+            o_proj=attn.o_proj,
+            post_norm=layer.post_attention_layernorm.weight,
+            gate_up=lambda x: (mlp.gate_proj(x), mlp.up_proj(x)),
+            down_proj=mlp.down_proj,
+        )
+
+    return TargetView(
+        embed_tokens=model.model.embed_tokens,
+        layers=[layer_view(layer) for layer in model.model.layers],
+        final_norm=model.model.norm.weight,
+        lm_head=model.lm_head,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=_rope_theta(model.config),
+        rms_norm_eps=model.config.rms_norm_eps,
+        dtype=model.model.norm.weight.dtype,
+    )

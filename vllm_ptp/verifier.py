@@ -1,0 +1,91 @@
+"""Coupled verification inside vLLM: replacements for vLLM's Sampler and RejectionSampler.
+
+Every token of a PTP request is drawn as F^-1(u(seed, position)), with and without drafts, so the
+text is the same at any k and in any batch. The runner hands each step's per-row transform and
+uniforms to the sampler (`pending_rows`) right before vLLM samples.
+"""
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.metadata import SamplingMetadata
+from vllm.v1.sample.rejection_sampler import RejectionSampler
+from vllm.v1.sample.sampler import Sampler
+from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+from vllm_ptp import sampling
+from vllm_ptp.sampling import SamplingRows
+
+
+class PTPSampler(Sampler):
+    """vLLM's sampler (logprobs, logits processors) with the final draw replaced by F^-1(u)."""
+
+    def __init__(self, logprobs_mode: str):
+        super().__init__(logprobs_mode=logprobs_mode)
+        self.pending_rows: SamplingRows | None = None
+
+    def take_rows(self, logits: torch.Tensor) -> SamplingRows:
+        """The rows the runner prepared for this step, consumed once. vLLM's warm-up runs
+        sample dummy logits without any request: those get greedy rows."""
+        rows, self.pending_rows = self.pending_rows, None
+        num_rows = logits.shape[0]
+        if rows is None:
+            return SamplingRows.greedy(num_rows, logits.device)
+        if rows.u.shape[0] != num_rows:
+            raise RuntimeError(
+                f"PTP sampling rows out of step: {rows.u.shape[0]} rows for {num_rows} logits"
+            )
+        return rows
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        sampling_metadata: SamplingMetadata,
+        logprobs_mode_override=None,
+    ) -> tuple[torch.Tensor, None]:
+        return sampling.sample(logits, self.take_rows(logits)), None
+
+
+class PTPRejectionSampler(RejectionSampler):
+    """Coupled verification: the target samples every draft position with the drafter's u and
+    the longest prefix of drafts equal to those samples is accepted."""
+
+    sampler: PTPSampler
+
+    def forward(
+        self,
+        metadata: SpecDecodeMetadata,
+        draft_probs: torch.Tensor | None,
+        logits: torch.Tensor,
+        sampling_metadata: SamplingMetadata,
+    ) -> SamplerOutput:
+        row_tokens = sampling.sample(logits, self.sampler.take_rows(logits))
+        num_drafts = torch.tensor(metadata.num_draft_tokens, device=logits.device)
+        max_k = metadata.max_spec_len
+        # Logits rows are grouped per request: its draft positions, then its bonus position.
+        first_row = metadata.cu_num_sampled_tokens.long() - (num_drafts + 1)
+        first_draft = metadata.cu_num_draft_tokens.long() - num_drafts
+        offsets = torch.arange(max_k + 1, device=logits.device)
+        target_tokens = row_tokens[(first_row[:, None] + offsets).clamp(max=logits.shape[0] - 1)]
+        draft_index = (first_draft[:, None] + offsets[:max_k]).clamp(
+            min=0, max=max(metadata.draft_token_ids.shape[0] - 1, 0)
+        )
+        draft_tokens = (
+            metadata.draft_token_ids.long()[draft_index]
+            if metadata.draft_token_ids.numel()
+            else torch.full_like(draft_index, sampling.PLACEHOLDER_TOKEN_ID)
+        )
+        output, _ = sampling.coupled_verify(draft_tokens, num_drafts, target_tokens)
+        output = output.to(torch.int32)
+
+        logprobs_tensors = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs_tensors = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs,
+                metadata,
+                logits,
+                logits[metadata.target_logits_indices].float(),
+                logits[metadata.bonus_logits_indices].float(),
+                output,
+            )
+        return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs_tensors)
+
