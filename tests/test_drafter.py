@@ -1,0 +1,71 @@
+"""The gated-LoRA drafter against the transformers target it is built on."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from vllm_ptp.checkpoint import load_checkpoint
+from vllm_ptp.config import TargetIdentity
+from vllm_ptp.models.gated_lora_llama import DraftQuery
+from vllm_ptp.models.target import from_hf_llama
+
+
+@pytest.fixture(scope="module")
+def hf_target(target_dir):
+    return AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def drafter(hf_target, untrained_checkpoint):
+    drafter = load_checkpoint(untrained_checkpoint, TargetIdentity.from_hf_config(hf_target.config))
+    drafter.bind_target(from_hf_llama(hf_target))
+    return drafter
+
+
+def run_rows(drafter, hf_target, ids, context_len, lora_gate):
+    """Compute rows ids[context_len:] with the drafter, context K/V from the HF target."""
+    with torch.no_grad():
+        cache = hf_target(ids[:, :context_len], use_cache=True).past_key_values
+        rows = ids.shape[1] - context_len
+        query = DraftQuery(
+            inputs_embeds=hf_target.model.embed_tokens(ids[:, context_len:]),
+            positions=torch.arange(context_len, ids.shape[1])[None],
+            lora_gate=lora_gate,
+            self_mask=torch.ones(rows, rows, dtype=torch.bool).tril()[None],
+            context_mask=torch.ones(1, rows, context_len, dtype=torch.bool),
+        )
+        return drafter.logits(
+            drafter(query, lambda i: (cache.layers[i].keys, cache.layers[i].values))
+        )[0]
+
+
+def test_adapters_off_reproduces_the_target(drafter, hf_target):
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7493, 30, 378, 1345, 314]])
+    with torch.no_grad():
+        reference = hf_target(ids).logits[0, 6:]
+    logits = run_rows(drafter, hf_target, ids, 6, torch.zeros(1, 5, dtype=torch.bool))
+    torch.testing.assert_close(logits, reference, atol=1e-3, rtol=1e-4)
+
+
+def test_adapters_act_only_on_gated_rows(drafter, hf_target):
+    with torch.no_grad():
+        for adapters in drafter.lora:
+            for adapter in adapters.values():
+                adapter.lora_B.normal_(std=0.05)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7493, 30, 378]])
+    gate = torch.tensor([[False, False, True]])
+    gated = run_rows(drafter, hf_target, ids, 6, gate)
+    plain = run_rows(drafter, hf_target, ids, 6, torch.zeros_like(gate))
+    # Causal: rows before the first gated row are untouched; the gated row changes.
+    torch.testing.assert_close(gated[:2], plain[:2])
+    assert not torch.allclose(gated[2], plain[2])
+
+
+def test_u_embedding_interpolates_between_learned_vectors(drafter):
+    embedding = drafter.u_embedding
+    vectors = embedding.weight
+    last = vectors.shape[0] - 1
+    torch.testing.assert_close(embedding(torch.tensor([0.0]))[0], vectors[0])
+    torch.testing.assert_close(embedding(torch.tensor([1.0]))[0], vectors[last])
+    midpoint = embedding(torch.tensor([0.5 / last]))[0]
+    torch.testing.assert_close(midpoint, (vectors[0] + vectors[1]) / 2)
