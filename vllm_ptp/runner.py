@@ -5,6 +5,7 @@ CPU runner (and can be into the GPU runner) only when the speculative config nam
 checkpoint.
 """
 
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -14,7 +15,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from vllm_ptp import rng
 from vllm_ptp.proposer import PTPProposer
-from vllm_ptp.sampling import SamplingRows
+from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows
 from vllm_ptp.verifier import PTPRejectionSampler, PTPSampler
 
 
@@ -32,10 +33,21 @@ class PTPRunnerMixin:
             self.sampler, self.speculative_config, self.device
         )
         self.drafter = PTPProposer(self.vllm_config, self.device, self)
+        self.verify_pass_times: list[float] = []  # target forward seconds, steps with drafts
+        self._last_forward_seconds = 0.0
+
+    def _model_forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        output = super()._model_forward(*args, **kwargs)
+        self._last_forward_seconds = time.perf_counter() - start
+        return output
 
     def ptp_seed(self, req_id: str) -> int:
         """The request's seed, or one derived from its id (identical on every rank)."""
         return _seed_of_request(req_id, self.requests[req_id].sampling_params.seed)
+
+    def is_greedy(self, req_id: str) -> bool:
+        return self.requests[req_id].sampling_params.temperature < GREEDY_TEMPERATURE
 
     def _update_states(self, scheduler_output):
         result = super()._update_states(scheduler_output)
@@ -48,6 +60,8 @@ class PTPRunnerMixin:
     def _sample(self, logits, spec_decode_metadata: SpecDecodeMetadata | None):
         if logits is not None:
             self.sampler.pending_rows = self._sampling_rows(spec_decode_metadata)
+        if spec_decode_metadata is not None:
+            self.verify_pass_times.append(self._last_forward_seconds)
         return super()._sample(logits, spec_decode_metadata)
 
     def _sampling_rows(self, spec_decode_metadata: SpecDecodeMetadata | None) -> SamplingRows:

@@ -5,6 +5,8 @@ text is the same at any k and in any batch. The runner hands each step's per-row
 uniforms to the sampler (`pending_rows`) right before vLLM samples.
 """
 
+from dataclasses import dataclass, field
+
 import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.metadata import SamplingMetadata
@@ -14,6 +16,36 @@ from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 from vllm_ptp import sampling
 from vllm_ptp.sampling import SamplingRows
+
+
+@dataclass
+class VerificationStats:
+    """Per-engine counters of coupled verification (vLLM's metrics are process-global)."""
+
+    num_drafts: int = 0  # (request, step) pairs that carried drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_drafts: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        drafted = num_drafts > 0
+        self.num_drafts += int(drafted.sum())
+        self.num_draft_tokens += int(num_drafts.sum())
+        self.num_accepted_tokens += int(num_accepted.sum())
+        max_k = int(num_drafts.max()) if len(num_drafts) else 0
+        if len(self.accepted_per_position) < max_k:
+            self.accepted_per_position += [0] * (max_k - len(self.accepted_per_position))
+        for position in range(max_k):
+            self.accepted_per_position[position] += int((num_accepted > position).sum())
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per verification step that carried drafts."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [n / self.num_drafts for n in self.accepted_per_position] if self.num_drafts else []
 
 
 class PTPSampler(Sampler):
@@ -51,6 +83,10 @@ class PTPRejectionSampler(RejectionSampler):
 
     sampler: PTPSampler
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stats = VerificationStats()
+
     def forward(
         self,
         metadata: SpecDecodeMetadata,
@@ -74,7 +110,8 @@ class PTPRejectionSampler(RejectionSampler):
             if metadata.draft_token_ids.numel()
             else torch.full_like(draft_index, sampling.PLACEHOLDER_TOKEN_ID)
         )
-        output, _ = sampling.coupled_verify(draft_tokens, num_drafts, target_tokens)
+        output, num_accepted = sampling.coupled_verify(draft_tokens, num_drafts, target_tokens)
+        self.stats.record(num_drafts, num_accepted)
         output = output.to(torch.int32)
 
         logprobs_tensors = None

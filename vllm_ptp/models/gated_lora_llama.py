@@ -30,26 +30,34 @@ class DraftQuery:
     context_mask: torch.Tensor  # [N, Q, L] bool: row i may attend context position l
 
 
+GREEDY_U = -1.0  # u value that marks a greedy request: the drafter sees its own vector
+
+
 class UEmbedding(nn.Module):
     """u in [0, 1) -> hidden vector, by linear interpolation between learned vectors.
 
-    kind="constant" ignores u (one vector): the independent-parallel-drafting ablation.
+    Greedy requests have no u: they are marked with GREEDY_U and get a learned vector of their
+    own, so one checkpoint serves greedy and sampled decoding. kind="constant" ignores u (one
+    vector): the independent-parallel-drafting ablation.
     """
 
     def __init__(self, kind: str, size: int, hidden_size: int):
         super().__init__()
         num_vectors = size if kind == "interpolated" else 1
         self.weight = nn.Parameter(torch.randn(num_vectors, hidden_size) * 0.02)
+        self.greedy = nn.Parameter(torch.randn(hidden_size) * 0.02)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         num_vectors = self.weight.shape[0]
         if num_vectors == 1:
-            return self.weight[0].expand(*u.shape, -1)
-        scaled = u.float().clamp(0.0, 1.0) * (num_vectors - 1)
-        lower = scaled.floor().long().clamp_(max=num_vectors - 1)
-        upper = (lower + 1).clamp_(max=num_vectors - 1)
-        frac = (scaled - lower).unsqueeze(-1).to(self.weight.dtype)
-        return torch.lerp(self.weight[lower], self.weight[upper], frac)
+            sampled = self.weight[0].expand(*u.shape, -1)
+        else:
+            scaled = u.float().clamp(0.0, 1.0) * (num_vectors - 1)
+            lower = scaled.floor().long().clamp_(max=num_vectors - 1)
+            upper = (lower + 1).clamp_(max=num_vectors - 1)
+            frac = (scaled - lower).unsqueeze(-1).to(self.weight.dtype)
+            sampled = torch.lerp(self.weight[lower], self.weight[upper], frac)
+        return torch.where((u < 0).unsqueeze(-1), self.greedy, sampled)
 
 
 class LoraAdapter(nn.Module):

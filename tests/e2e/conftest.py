@@ -1,0 +1,43 @@
+"""Real vLLM engines on the SmolLM2 testbed, shared across the e2e tests (one per k)."""
+
+import gc
+
+import pytest
+
+from vllm_ptp.data import SHIPPED_CHECKPOINT, specbench_first_turns
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, speculative_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def ptp_checkpoint(untrained_checkpoint):
+    """The shipped trained checkpoint when present (drafts get accepted), else untrained."""
+    if (SHIPPED_CHECKPOINT / "config.json").is_file():
+        return SHIPPED_CHECKPOINT
+    return untrained_checkpoint
+
+
+@pytest.fixture(scope="session")
+def engine(target_dir, ptp_checkpoint):
+    """engine(k): an `LLM` with the PTP speculator at k, or without speculation for k=None."""
+    from vllm import LLM
+
+    engines = {}
+
+    def get(k: int | None):
+        if k not in engines:
+            spec = speculative_config(ptp_checkpoint, k) if k else None
+            engines[k] = LLM(
+                model=str(target_dir), speculative_config=spec, **TESTBED_ENGINE_KWARGS
+            )
+        return engines[k]
+
+    yield get
+    engines.clear()
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def specbench_chats():
+    return [q["messages"] for q in specbench_first_turns()]

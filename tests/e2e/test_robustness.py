@@ -1,0 +1,90 @@
+"""Bad input is refused with a clear error; a failing drafter never costs a request."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, speculative_config
+
+pytestmark = pytest.mark.e2e
+
+
+def start_engine(target_dir, checkpoint, k=8):
+    return LLM(
+        model=str(target_dir), speculative_config=speculative_config(checkpoint, k),
+        **TESTBED_ENGINE_KWARGS,
+    )
+
+
+def test_checkpoint_for_another_target_is_refused_before_serving(
+    target_dir, untrained_checkpoint, tmp_path
+):
+    other = tmp_path / "other-vocab"
+    shutil.copytree(untrained_checkpoint, other)
+    config = json.loads((other / "config.json").read_text())
+    config["ptp_config"]["target"]["vocab_size"] = 32000
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="vocab_size: checkpoint 32000 vs target 49152"):
+        start_engine(target_dir, other)
+
+
+def test_impossible_k_is_refused_before_serving(target_dir, untrained_checkpoint):
+    with pytest.raises(Exception, match="num_speculative_tokens=32 is outside"):
+        start_engine(target_dir, untrained_checkpoint, k=32)
+
+
+def test_corrupt_checkpoint_is_refused_before_serving(target_dir, untrained_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(untrained_checkpoint, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception, match="corrupt or unreadable"):
+        start_engine(target_dir, broken)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"presence_penalty": 0.5}, {"repetition_penalty": 1.2}, {"logit_bias": {42: 5.0}},
+     {"min_tokens": 4}, {"bad_words": ["Paris"]}],
+)
+def test_sampling_settings_ptp_cannot_honour_are_refused(engine, setting):
+    with pytest.raises(ValueError, match="PTP speculative decoding cannot honour"):
+        engine(8).generate(["Hello"], SamplingParams(max_tokens=4, **setting))
+
+
+def _break_drafter(worker):
+    """Fault injection inside the engine's worker: the drafter returns garbage shapes."""
+    drafter = worker.model_runner.drafter
+    drafter.saved_draft_tokens = drafter._draft_tokens
+    drafter._draft_tokens = lambda batch: torch.zeros(3, 99, dtype=torch.long)
+
+
+def _raise_in_drafter(worker):
+    def fail(batch):
+        raise RuntimeError("injected drafter fault")
+
+    worker.model_runner.drafter._draft_tokens = fail
+
+
+def _restore_drafter(worker):
+    drafter = worker.model_runner.drafter
+    drafter._draft_tokens = drafter.saved_draft_tokens
+    drafter.failure_logged = False
+
+
+@pytest.mark.parametrize("fault", [_break_drafter, _raise_in_drafter])
+def test_drafter_failure_falls_back_to_plain_decoding(engine, specbench_chats, capfd, fault):
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = [o.outputs[0].token_ids for o in engine(None).chat(specbench_chats[:3], params)]
+    llm = engine(8)
+    llm.collective_rpc(_break_drafter)  # keeps the original for restoring
+    llm.collective_rpc(fault)
+    try:
+        outputs = llm.chat(specbench_chats[:3], params)
+    finally:
+        llm.collective_rpc(_restore_drafter)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    logged = capfd.readouterr().err
+    assert logged.count("PTP drafter failed; continuing without drafts") == 1

@@ -1,0 +1,1 @@
+"""Turning a Hugging Face causal LM into a PTP checkpoint: teacher data, distillation, eval."""

@@ -1,0 +1,251 @@
+"""Distillation of a PTP drafter (and teacher-free training: same loop, raw-text sequences).
+
+Per step, the target (adapters off) runs once over a sequence, giving the context K/V and every
+next-token distribution. W windows of k tokens start at random completion positions; window
+token x_{s+j} gets u drawn inside its CDF interval under the target (greedy sequences get the
+greedy marker), and the drafter's auxiliary rows, attending to the context before s and to their
+own window, learn to output x_{s+j} from those u's (cross-entropy). Randomness is a function of
+(seed, step), so a resumed run is identical to an uninterrupted one.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vllm_ptp.checkpoint import build_drafter, save_checkpoint
+from vllm_ptp.config import PTPConfig, TargetIdentity
+from vllm_ptp.models.gated_lora_llama import GREEDY_U, DraftQuery, GatedLoraDrafter
+from vllm_ptp.models.target import from_hf_llama
+from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows
+from vllm_ptp.train.data import Sequence
+from vllm_ptp.train.intervals import cdf_intervals, draw_inside
+
+IGNORE = -100
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    k: int = 8
+    windows: int = 32  # windows per sequence and step
+    lr: float = 5e-4
+    warmup: int = 50
+    grad_accum: int = 1
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    u_embedding: str = "interpolated"
+    u_embedding_size: int = 16
+    max_len: int = 640
+    z_beta: float = 0.3  # z ~ Beta(a, a) inside the interval (mass near the edges, as the paper)
+    val_every: int = 100
+    save_every: int = 50
+    val_sequences: int = 24
+    seed: int = 0
+    dtype: str = "float32"
+
+
+@dataclass
+class WindowBatch:
+    starts: torch.Tensor  # [W] first token index of each window
+    labels: torch.Tensor  # [W, k] tokens to predict (IGNORE past the sequence end)
+    u: torch.Tensor  # [W, k] auxiliary inputs (GREEDY_U for greedy sequences)
+
+
+def make_windows(
+    seq: Sequence, logits: torch.Tensor, windows: int, k: int, gen: torch.Generator, beta: float
+) -> WindowBatch:
+    ids = torch.tensor(seq.token_ids)
+    length = len(ids)
+    starts = torch.randint(seq.completion_start, length, (windows,), generator=gen)
+    index = starts[:, None] + torch.arange(k)
+    valid = index < length
+    safe = index.clamp(max=length - 1)
+    labels = torch.where(valid, ids[safe], IGNORE)
+    if seq.temperature < GREEDY_TEMPERATURE:
+        return WindowBatch(starts, labels, torch.full(labels.shape, GREEDY_U))
+    flat = safe.flatten()
+    rows = SamplingRows(
+        temperature=torch.full(flat.shape, seq.temperature),
+        top_k=torch.full(flat.shape, seq.top_k),
+        top_p=torch.full(flat.shape, seq.top_p),
+        min_p=torch.zeros(flat.shape),
+        u=torch.zeros(flat.shape),
+    )
+    # The distribution of token t is the target's output at position t - 1.
+    left, right = cdf_intervals(logits[flat - 1], ids[flat], rows)
+    z = torch.distributions.Beta(beta, beta).sample(flat.shape) if beta > 0 else torch.rand(
+        flat.shape, generator=gen
+    )
+    return WindowBatch(starts, labels, draw_inside(left, right, z).view(labels.shape))
+
+
+def drafter_logits(
+    drafter: GatedLoraDrafter, cache, batch: WindowBatch, context_len: int
+) -> torch.Tensor:
+    """All windows in one pass: row j of window w sits at position s_w - 1 + j and attends to
+    the context before s_w and to rows 0..j of its own window. Returns [W, k, vocab]."""
+    windows, k = batch.u.shape
+    rows = windows * k
+    window_of_row = torch.arange(rows) // k
+    step_of_row = torch.arange(rows) % k
+    same_window = window_of_row[:, None] == window_of_row[None, :]
+    query = DraftQuery(
+        inputs_embeds=drafter.u_embedding(batch.u.flatten())[None],
+        positions=(batch.starts[window_of_row] - 1 + step_of_row)[None],
+        lora_gate=torch.ones(1, rows, dtype=torch.bool),
+        self_mask=(same_window & (step_of_row[None, :] <= step_of_row[:, None]))[None],
+        context_mask=(torch.arange(context_len)[None, :] < batch.starts[window_of_row, None])[None],
+    )
+    hidden = drafter(query, lambda i: (cache.layers[i].keys, cache.layers[i].values))
+    return drafter.logits(hidden).view(windows, k, -1)
+
+
+def accepted_lengths(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced accepted length per window: 1 + leading correct drafts."""
+    correct = (predicted == labels) & (labels != IGNORE)
+    return 1 + correct.long().cumprod(dim=1).sum(dim=1)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def teacher_pass(model, seq: Sequence):
+    out = model(torch.tensor([seq.token_ids]), use_cache=True)
+    return out.logits[0].float(), out.past_key_values
+
+
+def evaluate(
+    drafter: GatedLoraDrafter, model, sequences: list[Sequence], k: int, windows: int, seed: int
+) -> dict[str, float]:
+    """Teacher-forced expected accepted length (tau) and per-position acceptance at k."""
+    drafter.eval()
+    lengths, correct_prefix = [], []
+    with torch.no_grad():
+        for i, seq in enumerate(sequences):
+            gen = step_generator(seed, i)
+            logits, cache = teacher_pass(model, seq)
+            batch = make_windows(seq, logits, windows, k, gen, beta=0.0)
+            predicted = drafter_logits(drafter, cache, batch, len(seq.token_ids)).argmax(-1)
+            lengths.append(accepted_lengths(predicted, batch.labels).float())
+            correct = (predicted == batch.labels) & (batch.labels != IGNORE)
+            correct_prefix.append(correct.long().cumprod(dim=1).float())
+    drafter.train()
+    per_position = torch.cat(correct_prefix).mean(0)
+    return {"tau": float(torch.cat(lengths).mean()), "per_position": per_position.tolist()}
+
+
+def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfig:
+    return PTPConfig(
+        target=TargetIdentity.from_hf_config(target_model.config),
+        target_name_or_path=target_name,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        u_embedding=cfg.u_embedding,
+        u_embedding_size=cfg.u_embedding_size,
+        max_k=max(16, cfg.k),
+        default_k=cfg.k,
+    )
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    model,
+    target_name: str,
+    train_sequences: list[Sequence],
+    val_sequences: list[Sequence],
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    training_sampling: dict | None = None,
+) -> dict:
+    """Train (or resume) a drafter into `out_dir`; returns the history."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    drafter = build_drafter(new_ptp_config(model, target_name, cfg))
+    drafter.config.training_sampling = training_sampling
+    drafter.bind_target(from_hf_llama(model))
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
+    history = {"config": asdict(cfg), "steps": [], "validation": []}
+    state_path = out_dir / STATE_FILE
+    start = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["step"]
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    drafter.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="PTP distillation")
+    elapsed = history["steps"][-1]["seconds"] if history["steps"] else 0.0
+    for step in bar:
+        step_start = time.perf_counter()
+        gen = step_generator(cfg.seed, step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # Beta draws
+        loss_sum, taus = 0.0, []
+        for _ in range(cfg.grad_accum):
+            seq = train_sequences[int(torch.randint(len(train_sequences), (1,), generator=gen))]
+            logits, cache = teacher_pass(model, seq)
+            batch = make_windows(seq, logits, cfg.windows, cfg.k, gen, cfg.z_beta)
+            with autocast:
+                draft = drafter_logits(drafter, cache, batch, len(seq.token_ids))
+            loss = F.cross_entropy(
+                draft.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE
+            )
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            taus.append(float(accepted_lengths(draft.argmax(-1), batch.labels).float().mean()))
+        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed += time.perf_counter() - step_start
+        history["steps"].append(
+            {"step": step + 1, "loss": loss_sum, "tau": sum(taus) / len(taus), "seconds": elapsed}
+        )
+        recent = history["steps"][-50:]
+        bar.set_postfix(
+            loss=f"{sum(r['loss'] for r in recent) / len(recent):.3f}",
+            tau=f"{sum(r['tau'] for r in recent) / len(recent):.2f}",
+        )
+        done = step + 1 == cfg.steps
+        if (step + 1) % cfg.val_every == 0 or done:
+            result = evaluate(drafter, model, val_sequences[: cfg.val_sequences], cfg.k, 16,
+                              cfg.seed)
+            history["validation"].append({"step": step + 1, **result})
+            bar.write(f"step {step + 1}: validation tau@{cfg.k} = {result['tau']:.3f}")
+        if (step + 1) % cfg.save_every == 0 or done:
+            _save(drafter, optimizer, scheduler, history, step + 1, out_dir)
+    return history
+
+
+def _save(drafter, optimizer, scheduler, history, step, out_dir: Path) -> None:
+    drafter.config.extra = {"trained_steps": step, "train_config": history["config"]}
+    save_checkpoint(drafter, out_dir)
+    state = {
+        "drafter": drafter.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": history,
+        "step": step,
+    }
+    torch.save(state, out_dir / (STATE_FILE + ".tmp"))
+    (out_dir / (STATE_FILE + ".tmp")).replace(out_dir / STATE_FILE)
+    (out_dir / "history.json").write_text(json.dumps(history))
