@@ -116,8 +116,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for k in args.k:
         result = evaluate(drafter, model, val_seqs[: args.num_sequences], k, 16, seed=1)
         per_position = " ".join(f"{a:.2f}" for a in result["per_position"])
-        print(f"k={k}: teacher-forced tau = {result['tau']:.3f}  acceptance by position: "
-              f"{per_position}")
+        print(
+            f"k={k}: teacher-forced tau = {result['tau']:.3f} (greedy "
+            f"{result.get('tau_greedy', float('nan')):.3f}, sampled "
+            f"{result.get('tau_sampled', float('nan')):.3f}); acceptance by position: "
+            f"{per_position}"
+        )
 
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, ptp_stats
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, allow_function_rpc, ptp_stats
 
 
 @dataclass
@@ -25,6 +25,7 @@ def generate(target: str, chats: list[list[dict]], sampling_params, speculative_
     """Start an engine, warm it up, time one `chat` call over all conversations, shut down."""
     from vllm import LLM
 
+    allow_function_rpc()
     llm = LLM(model=target, speculative_config=speculative_config, **TESTBED_ENGINE_KWARGS)
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up

@@ -1,5 +1,6 @@
-"""Shared vLLM engine settings for the CPU testbed; spec-decode statistics from vLLM metrics."""
+"""Shared vLLM engine settings for the CPU testbed, and per-engine PTP statistics."""
 
+import os
 from typing import Any
 
 # One place for the settings every engine of a comparison uses (same dtype, length, KV size).
@@ -15,6 +16,12 @@ TESTBED_ENGINE_KWARGS: dict[str, Any] = {
 
 def speculative_config(checkpoint: str, k: int) -> dict[str, Any]:
     return {"model": str(checkpoint), "num_speculative_tokens": k}
+
+
+def allow_function_rpc() -> None:
+    """Let `LLM.collective_rpc` ship our functions to the engine's workers (cloudpickle over the
+    engine's local IPC). Call before the engine starts; its processes inherit the setting."""
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 
 def _read_ptp_stats(worker) -> dict[str, Any]:
@@ -41,7 +48,8 @@ def _reset_ptp_stats(worker) -> None:
 
 
 def ptp_stats(llm, reset: bool = False) -> dict[str, Any]:
-    """Coupled-verification counters and pass times of one engine (its first worker)."""
+    """Coupled-verification counters and pass times of one engine (its first worker).
+    The engine must have been started after `allow_function_rpc()`."""
     stats = llm.collective_rpc(_read_ptp_stats)[0]
     if reset:
         llm.collective_rpc(_reset_ptp_stats)

@@ -5,9 +5,10 @@ import gc
 import pytest
 
 from vllm_ptp.data import SHIPPED_CHECKPOINT, specbench_first_turns
-from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, speculative_config
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, allow_function_rpc, speculative_config
 
-pytestmark = pytest.mark.e2e
+# The tests inspect and fault-inject the engines' workers through collective_rpc.
+allow_function_rpc()
 
 
 @pytest.fixture(scope="session")

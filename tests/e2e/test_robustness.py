@@ -1,5 +1,6 @@
 """Bad input is refused with a clear error; a failing drafter never costs a request."""
 
+import gc
 import json
 import shutil
 
@@ -88,3 +89,23 @@ def test_drafter_failure_falls_back_to_plain_decoding(engine, specbench_chats, c
     assert [o.outputs[0].token_ids for o in outputs] == expected
     logged = capfd.readouterr().err
     assert logged.count("PTP drafter failed; continuing without drafts") == 1
+
+
+def test_preemption_and_recompute_change_nothing(target_dir, ptp_checkpoint, engine,
+                                                 specbench_chats):
+    # A KV cache of ~2k tokens for 16 requests growing to ~3.5k tokens forces preemption; the
+    # recomputed requests must produce exactly the text of an engine with room to spare.
+    chats = specbench_chats[60:76]
+    params = [SamplingParams(max_tokens=96, seed=300 + i, temperature=0.7, top_p=0.95)
+              for i in range(16)]
+    expected = [o.outputs[0].token_ids for o in engine(8).chat(chats, params)]
+    small = LLM(
+        model=str(target_dir), speculative_config=speculative_config(ptp_checkpoint, 8),
+        **{**TESTBED_ENGINE_KWARGS, "kv_cache_memory_bytes": 96 << 20},
+    )
+    try:
+        outputs = small.chat(chats, params)
+    finally:
+        del small
+        gc.collect()
+    assert [o.outputs[0].token_ids for o in outputs] == expected

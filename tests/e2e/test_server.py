@@ -92,6 +92,21 @@ def test_chat_completions_match_offline(server, specbench_chats, offline_text):
         assert "".join(chunks) == expected and len(chunks) > 1
 
 
+def test_aborted_stream_leaves_the_server_serving(server, specbench_chats, offline_text):
+    base, _ = server
+    model = requests.get(f"{base}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "messages": specbench_chats[2], "max_tokens": 300, "stream": True}
+    with requests.post(f"{base}/v1/chat/completions", json=body, stream=True) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i == 3:
+                break  # the client goes away mid-stream: vLLM aborts the request
+    client = OpenAI(base_url=f"{base}/v1", api_key="none")
+    reply = client.chat.completions.create(
+        model=model, messages=specbench_chats[0], max_tokens=40, temperature=0.0
+    )
+    assert reply.choices[0].message.content == offline_text[0]
+
+
 def test_unsupported_setting_is_a_clear_400(server, specbench_chats):
     base, _ = server
     response = requests.post(

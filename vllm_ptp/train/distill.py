@@ -125,22 +125,31 @@ def teacher_pass(model, seq: Sequence):
 
 def evaluate(
     drafter: GatedLoraDrafter, model, sequences: list[Sequence], k: int, windows: int, seed: int
-) -> dict[str, float]:
-    """Teacher-forced expected accepted length (tau) and per-position acceptance at k."""
+) -> dict:
+    """Teacher-forced expected accepted length (tau) and per-position acceptance at k, over all
+    sequences and separately for greedy and sampled ones."""
     drafter.eval()
-    lengths, correct_prefix = [], []
+    lengths: dict[str, list[torch.Tensor]] = {"greedy": [], "sampled": []}
+    correct_prefix = []
     with torch.no_grad():
         for i, seq in enumerate(sequences):
             gen = step_generator(seed, i)
             logits, cache = teacher_pass(model, seq)
             batch = make_windows(seq, logits, windows, k, gen, beta=0.0)
             predicted = drafter_logits(drafter, cache, batch, len(seq.token_ids)).argmax(-1)
-            lengths.append(accepted_lengths(predicted, batch.labels).float())
+            kind = "greedy" if seq.temperature < GREEDY_TEMPERATURE else "sampled"
+            lengths[kind].append(accepted_lengths(predicted, batch.labels).float())
             correct = (predicted == batch.labels) & (batch.labels != IGNORE)
             correct_prefix.append(correct.long().cumprod(dim=1).float())
     drafter.train()
-    per_position = torch.cat(correct_prefix).mean(0)
-    return {"tau": float(torch.cat(lengths).mean()), "per_position": per_position.tolist()}
+    result = {
+        "tau": float(torch.cat(lengths["greedy"] + lengths["sampled"]).mean()),
+        "per_position": torch.cat(correct_prefix).mean(0).tolist(),
+    }
+    for kind, values in lengths.items():
+        if values:
+            result[f"tau_{kind}"] = float(torch.cat(values).mean())
+    return result
 
 
 def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfig:
@@ -154,6 +163,16 @@ def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfi
         max_k=max(16, cfg.k),
         default_k=cfg.k,
     )
+
+
+def _init_u_embedding(drafter: GatedLoraDrafter, target) -> None:
+    """Start the u vectors near the mean token embedding: in-distribution inputs for the target
+    layers, so early steps learn the task rather than undo an arbitrary input scale."""
+    with torch.no_grad():
+        mean = target.embed_tokens.weight.mean(0)
+        embedding = drafter.u_embedding
+        embedding.weight.copy_(mean + 0.1 * mean.std() * torch.randn_like(embedding.weight))
+        embedding.greedy.copy_(mean + 0.1 * mean.std() * torch.randn_like(mean))
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -179,7 +198,9 @@ def train(
     torch.manual_seed(cfg.seed)
     drafter = build_drafter(new_ptp_config(model, target_name, cfg))
     drafter.config.training_sampling = training_sampling
-    drafter.bind_target(from_hf_llama(model))
+    target = from_hf_llama(model)
+    drafter.bind_target(target)
+    _init_u_embedding(drafter, target)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
     history = {"config": asdict(cfg), "steps": [], "validation": []}
@@ -230,7 +251,11 @@ def train(
             result = evaluate(drafter, model, val_sequences[: cfg.val_sequences], cfg.k, 16,
                               cfg.seed)
             history["validation"].append({"step": step + 1, **result})
-            bar.write(f"step {step + 1}: validation tau@{cfg.k} = {result['tau']:.3f}")
+            bar.write(
+                f"step {step + 1}: held-out tau@{cfg.k} = {result['tau']:.3f} (greedy "
+                f"{result.get('tau_greedy', float('nan')):.3f}, sampled "
+                f"{result.get('tau_sampled', float('nan')):.3f})"
+            )
         if (step + 1) % cfg.save_every == 0 or done:
             _save(drafter, optimizer, scheduler, history, step + 1, out_dir)
     return history

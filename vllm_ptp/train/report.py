@@ -39,7 +39,9 @@ def write_report(out_dir: str | Path, history: dict) -> Path:
         f"training wall time: {history['steps'][-1]['seconds'] / 60:.1f} min (2 CPU cores)",
         f"- LoRA rank {cfg['lora_rank']}, u-embedding {cfg['u_embedding']} "
         f"({cfg['u_embedding_size']} vectors), lr {cfg['lr']}, dtype {cfg['dtype']}",
-        f"- held-out teacher-forced tau @ k={k}: {last['tau']:.3f}",
+        f"- held-out teacher-forced tau @ k={k}: {last['tau']:.3f} (greedy sequences "
+        f"{last.get('tau_greedy', float('nan')):.3f}, sampled T=0.7/top-p 0.95 "
+        f"{last.get('tau_sampled', float('nan')):.3f})",
         "- held-out acceptance by position: "
         + " ".join(f"{a:.2f}" for a in last["per_position"]),
         "",

@@ -1,0 +1,82 @@
+"""Distillation on the testbed: windows, resume, and the trained checkpoint loads back."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from vllm_ptp.checkpoint import load_checkpoint
+from vllm_ptp.config import TargetIdentity
+from vllm_ptp.models.gated_lora_llama import GREEDY_U
+from vllm_ptp.train.data import Sequence
+from vllm_ptp.train.distill import (
+    IGNORE,
+    TrainConfig,
+    accepted_lengths,
+    make_windows,
+    step_generator,
+    teacher_pass,
+    train,
+)
+
+TINY = {"k": 4, "windows": 4, "val_every": 1000, "save_every": 2, "val_sequences": 2,
+        "lr": 1e-3, "warmup": 1}
+
+
+@pytest.fixture(scope="module")
+def model(target_dir):
+    return AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def sequences(model, target_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three colours."}], add_generation_prompt=True,
+        return_dict=False,
+    )
+    sampled = model.generate(
+        torch.tensor([prompt]), max_new_tokens=40, do_sample=True, temperature=0.7, top_p=0.95,
+    )[0].tolist()
+    greedy = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0].tolist()
+    return [
+        Sequence(sampled, len(prompt), 0.7, 0.95, 0, "a"),
+        Sequence(greedy, len(prompt), 0.0, 1.0, 0, "b"),
+    ]
+
+
+def test_windows_draw_u_inside_intervals_and_mark_greedy(model, sequences):
+    sampled, greedy = sequences
+    logits, _ = teacher_pass(model, sampled)
+    batch = make_windows(sampled, logits, 16, 4, step_generator(0, 0), beta=0.3)
+    assert (batch.starts >= sampled.completion_start).all()
+    valid = batch.labels != IGNORE
+    assert ((batch.u[valid] >= 0) & (batch.u[valid] < 1)).all()
+    logits, _ = teacher_pass(model, greedy)
+    assert (make_windows(greedy, logits, 8, 4, step_generator(0, 0), 0.3).u == GREEDY_U).all()
+
+
+def test_accepted_length_counts_the_correct_prefix():
+    labels = torch.tensor([[1, 2, 3], [1, 2, 3], [1, IGNORE, IGNORE]])
+    predicted = torch.tensor([[1, 2, 3], [1, 0, 3], [1, 5, 5]])
+    assert accepted_lengths(predicted, labels).tolist() == [4, 2, 2]
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(model, sequences, tmp_path):
+    straight = train(model, "t", sequences, sequences, tmp_path / "a", TrainConfig(steps=4, **TINY))
+    train(model, "t", sequences, sequences, tmp_path / "b", TrainConfig(steps=2, **TINY))
+    resumed = train(model, "t", sequences, sequences, tmp_path / "b", TrainConfig(steps=4, **TINY))
+    assert [r["loss"] for r in resumed["steps"]] == [r["loss"] for r in straight["steps"]]
+    target = TargetIdentity.from_hf_config(model.config)
+    a = load_checkpoint(tmp_path / "a", target).state_dict()
+    b = load_checkpoint(tmp_path / "b", target).state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_short_training_raises_teacher_forced_accepted_length(model, sequences, tmp_path):
+    cfg = TrainConfig(steps=40, **{**TINY, "windows": 8, "val_every": 40})
+    history = train(model, "t", sequences, sequences, tmp_path / "c", cfg)
+    first = sum(r["tau"] for r in history["steps"][:5]) / 5
+    last = sum(r["tau"] for r in history["steps"][-5:]) / 5
+    assert last > first + 0.3
