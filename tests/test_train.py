@@ -65,7 +65,7 @@ def test_accepted_length_counts_the_correct_prefix():
 
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(model, sequences, tmp_path):
     straight = train(model, "t", sequences, sequences, tmp_path / "a", TrainConfig(steps=4, **TINY))
-    train(model, "t", sequences, sequences, tmp_path / "b", TrainConfig(steps=2, **TINY))
+    train(model, "t", sequences, sequences, tmp_path / "b", TrainConfig(steps=4, stop_at=2, **TINY))
     resumed = train(model, "t", sequences, sequences, tmp_path / "b", TrainConfig(steps=4, **TINY))
     assert [r["loss"] for r in resumed["steps"]] == [r["loss"] for r in straight["steps"]]
     target = TargetIdentity.from_hf_config(model.config)

@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig(
         steps=args.steps, k=args.k, windows=args.windows, lr=args.lr, grad_accum=args.grad_accum,
         lora_rank=args.lora_rank, u_embedding=args.u_embedding, dtype=args.dtype,
-        max_len=args.max_len, seed=args.seed,
+        max_len=args.max_len, seed=args.seed, stop_at=args.stop_at,
     )
     target, model, tokenizer = _load_target(args.target)
     train_seqs, val_seqs = _sequences(args, tokenizer, cfg.max_len)
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-len", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-at", type=int, help="end this run at that step; rerun to resume")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="teacher-forced accepted length, without vLLM")

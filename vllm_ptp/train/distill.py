@@ -49,6 +49,7 @@ class TrainConfig:
     val_sequences: int = 24
     seed: int = 0
     dtype: str = "float32"
+    stop_at: int | None = None  # end this run early at that step (resume later to continue)
 
 
 @dataclass
@@ -214,7 +215,8 @@ def train(
         history, start = state["history"], state["step"]
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     drafter.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="PTP distillation")
+    end = min(cfg.steps, cfg.stop_at or cfg.steps)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc="PTP distillation")
     elapsed = history["steps"][-1]["seconds"] if history["steps"] else 0.0
     for step in bar:
         step_start = time.perf_counter()
@@ -246,7 +248,7 @@ def train(
             loss=f"{sum(r['loss'] for r in recent) / len(recent):.3f}",
             tau=f"{sum(r['tau'] for r in recent) / len(recent):.2f}",
         )
-        done = step + 1 == cfg.steps
+        done = step + 1 == end
         if (step + 1) % cfg.val_every == 0 or done:
             result = evaluate(drafter, model, val_sequences[: cfg.val_sequences], cfg.k, 16,
                               cfg.seed)
