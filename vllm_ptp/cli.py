@@ -50,7 +50,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     checkpoint = Path(args.ptp) if args.ptp else _default_checkpoint(target)
     chats = [q["messages"] for q in specbench_first_turns(args.num_prompts)]
     print(f"target: {target}\nPTP checkpoint: {checkpoint}\nprompts: {len(chats)}, k={args.k}")
-    baseline, ptp = run_demo(target, checkpoint, chats, args.k, args.max_tokens, args.temperature)
+    baseline, ptp = run_demo(
+        target, checkpoint, chats, args.k, args.max_tokens, args.temperature, args.max_num_seqs
+    )
     print(report(baseline, ptp, greedy=args.temperature == 0))
 
 
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-num-seqs", type=int, help="cap the batch (1: one request at a time)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pregenerate", help="teacher completions with vLLM (resumable)")

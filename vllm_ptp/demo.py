@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, allow_function_rpc, ptp_stats
+from vllm_ptp.engine import (
+    TESTBED_ENGINE_KWARGS,
+    allow_function_rpc,
+    ptp_stats,
+    speculative_config,
+)
 
 
 @dataclass
@@ -21,20 +26,27 @@ class RunResult:
         return sum(len(t) for t in self.token_ids) / self.seconds
 
 
-def generate(target: str, chats: list[list[dict]], sampling_params, speculative_config=None):
-    """Start an engine, warm it up, time one `chat` call over all conversations, shut down."""
+def generate(
+    target: str, chats: list[list[dict]], sampling_params, spec: dict | None = None,
+    max_num_seqs: int | None = None,
+):
+    """Start an engine, warm it up, time one `chat` call over all conversations, shut down.
+    `max_num_seqs` caps the batch (1: requests run one at a time)."""
     from vllm import LLM
 
     allow_function_rpc()
-    llm = LLM(model=target, speculative_config=speculative_config, **TESTBED_ENGINE_KWARGS)
+    batch = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
+    llm = LLM(
+        model=target, speculative_config=spec, **TESTBED_ENGINE_KWARGS, **batch
+    )
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up
-        if speculative_config:
+        if spec:
             ptp_stats(llm, reset=True)
         start = time.perf_counter()
         outputs = llm.chat(chats, sampling_params)
         seconds = time.perf_counter() - start
-        stats = ptp_stats(llm) if speculative_config else None
+        stats = ptp_stats(llm) if spec else None
     finally:
         del llm
         gc.collect()
@@ -53,14 +65,14 @@ def run_demo(
     k: int,
     max_tokens: int,
     temperature: float,
+    max_num_seqs: int | None = None,
 ) -> tuple[RunResult, RunResult]:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95)
-    baseline = generate(str(target), chats, params)
-    ptp = generate(
-        str(target), chats, params, {"model": str(checkpoint), "num_speculative_tokens": k}
-    )
+    baseline = generate(str(target), chats, params, max_num_seqs=max_num_seqs)
+    spec = speculative_config(checkpoint, k)
+    ptp = generate(str(target), chats, params, spec, max_num_seqs=max_num_seqs)
     return baseline, ptp
 
 
