@@ -20,6 +20,14 @@ SUPPORTED_LOGPROBS_MODES = ("raw_logprobs", "raw_logits")
 
 
 def _configure_ptp(spec: SpeculativeConfig) -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise PTPCheckpointError(
+            "this vllm-ptp release wires the PTP drafter and coupled verifier into vLLM's CPU "
+            "worker only (it reads the CPU paged-KV layout); GPU workers are not supported yet. "
+            "Serve without --spec-model on this platform."
+        )
     checkpoint = str(Path(spec.model).resolve())
     ptp = load_ptp_config(checkpoint)
     if spec.num_speculative_tokens is None:
