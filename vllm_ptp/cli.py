@@ -68,10 +68,11 @@ def _load_target(target: str | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = target or str(_testbed())
-    torch.set_num_threads(torch.get_num_threads())
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
-    return target, model, AutoTokenizer.from_pretrained(target)
+    from vllm_ptp.testbed import TESTBED_HUB_ID
+
+    name, path = (target, target) if target else (TESTBED_HUB_ID, str(_testbed()))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return name, model, AutoTokenizer.from_pretrained(path)
 
 
 def _sequences(args, tokenizer, max_len: int):

