@@ -129,6 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> None:
     # vLLM's own CLI; the plugin adds --speculative-model (alias of --spec-model) to it.
+    from vllm_ptp.patches import patch_vllm_cpu_version
+
+    patch_vllm_cpu_version.apply()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", "serve", *rest]

@@ -95,8 +95,14 @@ class PTPProposer:
         if batch is None:
             return drafts
         start = time.perf_counter()
-        tokens = self._draft_tokens(batch).tolist()
+        tokens = self._draft_tokens(batch)
         self.pass_times.append(time.perf_counter() - start)
+        if tokens.shape != (len(batch.batch_index), self.k):
+            raise RuntimeError(
+                f"PTP drafter returned drafts of shape {tuple(tokens.shape)}, expected "
+                f"{(len(batch.batch_index), self.k)}"
+            )
+        tokens = tokens.tolist()
         for row, index in enumerate(batch.batch_index):
             drafts[index] = tokens[row][: batch.num_drafts[row]]
         return drafts
@@ -159,9 +165,13 @@ class PTPProposer:
 class PagedContext:
     """Context K/V of a batch of requests, gathered from vLLM's paged CPU KV cache.
 
-    vLLM's CPU cache per layer is [num_blocks, kv_heads, block_size, 2 * head_dim], laid out as
-    all keys of a block then all values (see vllm/v1/attention/backends/cpu_attn.py).
+    vLLM's CPU cache per layer is [num_blocks, kv_heads, 2, block_size * head_dim]: per block and
+    head, the keys stored dimension-major ([head_dim, block_size], the layout the "vec" and
+    "vec16" attention kernels read) followed by the values ([block_size, head_dim]).
+    tests/test_paged_context.py pins this against vLLM's own cache-writing op.
     """
+
+    SUPPORTED_ISAS = ("vec", "vec16")
 
     def __init__(self, attention_layers, block_table, batch_index: np.ndarray, positions):
         self.attention_layers = attention_layers
@@ -172,17 +182,31 @@ class PagedContext:
         self.block_size = block_size
 
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.attention_layers[layer].kv_cache
-        num_blocks, kv_heads, block_size, _ = cache.shape
-        if block_size != self.block_size:
-            raise RuntimeError(
-                f"KV cache block size {block_size} differs from the block table's "
-                f"{self.block_size}; the PTP drafter needs them equal"
-            )
-        cache = cache.view(num_blocks, kv_heads, 2 * block_size, -1)
-        keys = cache[self.blocks, :, self.offsets, :]  # [N, L, kv_heads, head_dim]
-        values = cache[self.blocks, :, self.offsets + block_size, :]
+        attention = self.attention_layers[layer]
+        isa = getattr(attention, "isa", "vec")
+        if isa not in self.SUPPORTED_ISAS:
+            raise RuntimeError(f"KV-cache layout of CPU attention ISA {isa!r} is not supported")
+        keys, values = split_cpu_kv_cache(attention.kv_cache, self.block_size)
+        # Advanced indices on two dims: the result is [N, L, kv_heads, head_dim].
+        keys = keys[self.blocks, :, :, self.offsets]
+        values = values[self.blocks, :, self.offsets, :]
         return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+def split_cpu_kv_cache(cache: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of one layer's CPU KV cache: keys [blocks, heads, head_dim, block_size] and values
+    [blocks, heads, block_size, head_dim]."""
+    num_blocks, kv_heads, cache_block_size, head_dim_x2 = cache.shape
+    if cache_block_size != block_size:
+        raise RuntimeError(
+            f"KV cache block size {cache_block_size} differs from the block table's "
+            f"{block_size}; the PTP drafter needs them equal"
+        )
+    head_dim = head_dim_x2 // 2
+    halves = cache.view(num_blocks, kv_heads, 2, block_size * head_dim)
+    keys = halves[:, :, 0].view(num_blocks, kv_heads, head_dim, block_size)
+    values = halves[:, :, 1].view(num_blocks, kv_heads, block_size, head_dim)
+    return keys, values
 
 
 def _check_drafts(

