@@ -55,11 +55,14 @@ def test_sampling_settings_ptp_cannot_honour_are_refused(engine, setting):
         engine(8).generate(["Hello"], SamplingParams(max_tokens=4, **setting))
 
 
-def _break_drafter(worker):
-    """Fault injection inside the engine's worker: the drafter returns garbage shapes."""
+def _save_drafter(worker):
     drafter = worker.model_runner.drafter
     drafter.saved_draft_tokens = drafter._draft_tokens
-    drafter._draft_tokens = lambda batch: torch.zeros(3, 99, dtype=torch.long)
+
+
+def _break_drafter(worker):
+    """Fault injection inside the engine's worker: the drafter returns garbage shapes."""
+    worker.model_runner.drafter._draft_tokens = lambda batch: torch.zeros(3, 99, dtype=torch.long)
 
 
 def _raise_in_drafter(worker):
@@ -81,7 +84,7 @@ def test_drafter_failure_falls_back_to_plain_decoding(engine, specbench_chats, f
     params = SamplingParams(max_tokens=24, temperature=0.0)
     expected = [o.outputs[0].token_ids for o in engine(None).chat(specbench_chats[:3], params)]
     llm = engine(8)
-    llm.collective_rpc(_break_drafter)  # keeps the original for restoring
+    llm.collective_rpc(_save_drafter)
     llm.collective_rpc(fault)
     try:
         outputs = llm.chat(specbench_chats[:3], params)
