@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from vllm import LLM, SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, speculative_config
 
@@ -51,7 +52,7 @@ def test_corrupt_checkpoint_is_refused_before_serving(target_dir, untrained_chec
      {"min_tokens": 4}, {"bad_words": ["Paris"]}],
 )
 def test_sampling_settings_ptp_cannot_honour_are_refused(engine, setting):
-    with pytest.raises(ValueError, match="PTP speculative decoding cannot honour"):
+    with pytest.raises(VLLMValidationError, match="PTP speculative decoding cannot honour"):
         engine(8).generate(["Hello"], SamplingParams(max_tokens=4, **setting))
 
 

@@ -7,6 +7,7 @@ in the frontend before a request reaches the engine, so the client gets a clear 
 when the coupled sampler applies vLLM's logits processors.
 """
 
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
@@ -36,7 +37,7 @@ def apply() -> None:
         if isinstance(params, SamplingParams) and ptp_checkpoint_of(self.speculative_config):
             unsupported = unsupported_settings(params)
             if unsupported:
-                raise ValueError(
+                raise VLLMValidationError(  # a client error: the server answers 400
                     f"PTP speculative decoding cannot honour {', '.join(unsupported)} exactly; "
                     "drop these sampling settings, or serve this model without the PTP "
                     "speculator (no --spec-model)."
