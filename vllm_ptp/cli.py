@@ -44,9 +44,7 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from vllm_ptp.data import specbench_first_turns
     from vllm_ptp.demo import report, run_demo
-    from vllm_ptp.testbed import prepare_testbed
-
-    target = Path(args.target) if args.target else prepare_testbed()
+    target = Path(args.target) if args.target else _testbed()
     checkpoint = Path(args.ptp) if args.ptp else _default_checkpoint(target)
     chats = [q["messages"] for q in specbench_first_turns(args.num_prompts)]
     print(f"target: {target}\nPTP checkpoint: {checkpoint}\nprompts: {len(chats)}, k={args.k}")
