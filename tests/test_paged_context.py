@@ -38,7 +38,7 @@ def test_gathered_context_equals_what_vllm_wrote(block_size):
         keys.append(k)
         values.append(v)
     context = PagedContext([Layer(cache, isa)], BlockTable(rows, block_size), np.array([0, 1]),
-                           torch.arange(max(lengths)))
+                           max(lengths))
     got_k, got_v = context(0)  # [N, heads, L, head_dim]
     for i, length in enumerate(lengths):
         assert torch.equal(got_k[i, :, :length], keys[i].transpose(0, 1))

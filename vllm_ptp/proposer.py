@@ -14,10 +14,10 @@ import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
-from vllm_ptp import rng
+from vllm_ptp import ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
-from vllm_ptp.models.gated_lora_llama import GREEDY_U, DraftQuery, GatedLoraDrafter
+from vllm_ptp.models.gated_lora_llama import DraftQuery, GatedLoraDrafter
 from vllm_ptp.models.target import from_vllm_llama
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
@@ -135,16 +135,17 @@ class PTPProposer:
         steps = torch.arange(k)
         # Aux row j drafts token position+1+j with u of that token, and sits at RoPE position
         # position+j (the newest token's position for j = 0), as in the paper's drafter.
-        u = rng.uniforms(batch.seed[:, None], batch.position[:, None] + 1 + steps)
-        u = torch.where(batch.greedy[:, None], GREEDY_U, u)
-        u_embeds = drafter.u_embedding(u).to(target.dtype)
-        inputs_embeds = torch.cat((target.embed_tokens(batch.last_token)[:, None], u_embeds), 1)
+        hidden_size = drafter.config.target.hidden_size
+        inputs_embeds = torch.empty(n, k + 1, hidden_size, dtype=target.dtype)
+        inputs_embeds[:, 0] = target.embed_tokens(batch.last_token)
+        ops.write_u_embeddings(
+            inputs_embeds, 1, drafter.u_embedding, batch.seed, batch.position + 1, batch.greedy
+        )
         positions = torch.cat((batch.position[:, None], batch.position[:, None] + steps), dim=1)
         lora_gate = torch.ones(n, k + 1, dtype=torch.bool)
         lora_gate[:, 0] = False
         context_len = int(batch.position.max())
-        context_positions = torch.arange(context_len)
-        context_mask = context_positions[None, :] < batch.position[:, None]
+        context_mask = torch.arange(context_len)[None, :] < batch.position[:, None]
         query = DraftQuery(
             inputs_embeds=inputs_embeds,
             positions=positions,
@@ -156,7 +157,7 @@ class PTPProposer:
             self.attention_layers,
             self.runner.input_batch.block_table[0],
             batch.batch_index,
-            context_positions,
+            context_len,
         )
         hidden = drafter(query, context)
         return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
@@ -173,12 +174,18 @@ class PagedContext:
 
     SUPPORTED_ISAS = ("vec", "vec16")
 
-    def __init__(self, attention_layers, block_table, batch_index: np.ndarray, positions):
+    def __init__(self, attention_layers, block_table, batch_index: np.ndarray, context_len: int):
         self.attention_layers = attention_layers
         block_size = block_table.block_size
-        block_ids = torch.from_numpy(block_table.block_table.np[batch_index]).long()
-        self.blocks = block_ids[:, positions // block_size]  # [N, L]
-        self.offsets = (positions % block_size).expand_as(self.blocks)  # [N, L]
+        slots = ops.paged_slots(  # [N, L], positions 0..context_len-1 of each request
+            torch.from_numpy(block_table.block_table.np),
+            torch.from_numpy(batch_index),
+            torch.zeros(len(batch_index), dtype=torch.long),
+            context_len,
+            block_size,
+        )
+        self.blocks = slots // block_size  # [N, L]
+        self.offsets = slots % block_size  # [N, L]
         self.block_size = block_size
 
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

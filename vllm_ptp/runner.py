@@ -13,7 +13,7 @@ import torch
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-from vllm_ptp import rng
+from vllm_ptp import ops, rng
 from vllm_ptp.proposer import PTPProposer
 from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows
 from vllm_ptp.verifier import PTPRejectionSampler, PTPSampler
@@ -91,7 +91,7 @@ class PTPRunnerMixin:
             top_k=per_row([p.top_k for p in params], torch.int64),
             top_p=per_row([p.top_p for p in params], torch.float32),
             min_p=per_row([p.min_p for p in params], torch.float32),
-            u=rng.uniforms(seeds, positions),
+            u=ops.uniforms(seeds, positions),
         )
 
 

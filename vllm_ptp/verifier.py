@@ -14,7 +14,7 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
-from vllm_ptp import sampling
+from vllm_ptp import ops, sampling
 from vllm_ptp.sampling import SamplingRows
 
 
@@ -74,7 +74,7 @@ class PTPSampler(Sampler):
         sampling_metadata: SamplingMetadata,
         logprobs_mode_override=None,
     ) -> tuple[torch.Tensor, None]:
-        return sampling.sample(logits, self.take_rows(logits)), None
+        return ops.sample(logits, self.take_rows(logits)), None
 
 
 class PTPRejectionSampler(RejectionSampler):
@@ -94,15 +94,11 @@ class PTPRejectionSampler(RejectionSampler):
         logits: torch.Tensor,
         sampling_metadata: SamplingMetadata,
     ) -> SamplerOutput:
-        row_tokens = sampling.sample(logits, self.sampler.take_rows(logits))
+        rows = self.sampler.take_rows(logits)
         num_drafts = torch.tensor(metadata.num_draft_tokens, device=logits.device)
         max_k = metadata.max_spec_len
-        # Logits rows are grouped per request: its draft positions, then its bonus position.
-        first_row = metadata.cu_num_sampled_tokens.long() - (num_drafts + 1)
         first_draft = metadata.cu_num_draft_tokens.long() - num_drafts
-        offsets = torch.arange(max_k + 1, device=logits.device)
-        target_tokens = row_tokens[(first_row[:, None] + offsets).clamp(max=logits.shape[0] - 1)]
-        draft_index = (first_draft[:, None] + offsets[:max_k]).clamp(
+        draft_index = (first_draft[:, None] + torch.arange(max_k, device=logits.device)).clamp(
             min=0, max=max(metadata.draft_token_ids.shape[0] - 1, 0)
         )
         draft_tokens = (
@@ -110,7 +106,8 @@ class PTPRejectionSampler(RejectionSampler):
             if metadata.draft_token_ids.numel()
             else torch.full_like(draft_index, sampling.PLACEHOLDER_TOKEN_ID)
         )
-        output, num_accepted = sampling.coupled_verify(draft_tokens, num_drafts, target_tokens)
+        # Logits rows are grouped per request: its draft positions, then its bonus position.
+        output, num_accepted = ops.sample_and_verify(logits, rows, draft_tokens, num_drafts)
         self.stats.record(num_drafts, num_accepted)
         output = output.to(torch.int32)
 

@@ -55,8 +55,12 @@ class UEmbedding(nn.Module):
             scaled = u.float().clamp(0.0, 1.0) * (num_vectors - 1)
             lower = scaled.floor().long().clamp_(max=num_vectors - 1)
             upper = (lower + 1).clamp_(max=num_vectors - 1)
-            frac = (scaled - lower).unsqueeze(-1).to(self.weight.dtype)
-            sampled = torch.lerp(self.weight[lower], self.weight[upper], frac)
+            frac = (scaled - lower).unsqueeze(-1)
+            # low + frac * (high - low) in float32, one rounded op at a time (no torch.lerp,
+            # whose FMA use varies by path), so csrc/ reproduces it bit for bit.
+            weight = self.weight.float()
+            low = weight[lower]
+            sampled = (low + frac * (weight[upper] - low)).to(self.weight.dtype)
         return torch.where((u < 0).unsqueeze(-1), self.greedy, sampled)
 
 

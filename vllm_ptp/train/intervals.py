@@ -2,7 +2,7 @@
 
 Token x is F^-1(u) exactly when u lies in [F(x-1), F(x)) of the transformed distribution in
 token-id order. Training draws u inside that interval and asks the drafter to output x from u.
-The float32 cumulative sum is the one `sampling.inverse_cdf` uses, so u maps back to x.
+The exact int64 prefix sums are the ones `sampling.inverse_cdf` uses, so u maps back to x.
 """
 
 import torch

@@ -1,0 +1,295 @@
+"""The compiled ops (csrc/) against their torch references: exact equality, awkward sizes.
+
+Every sampling check runs the CPU kernel with its AVX-512 path (where the CPU has it) and with
+its scalar fallback, and the CUDA kernel's block algorithm on the host over an emulated grid.
+"""
+
+import pytest
+import torch
+
+from vllm_ptp import ops, rng, sampling
+from vllm_ptp.models.gated_lora_llama import UEmbedding
+from vllm_ptp.sampling import SamplingRows
+
+pytestmark = pytest.mark.skipif(not ops.compiled(), reason="compiled ops not built")
+kernels = torch.ops.vllm_ptp
+ISAS = ["avx512", "scalar"] if kernels.cpu_isa() == "avx512" else ["scalar"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = kernels.cpu_isa()
+    kernels.set_cpu_isa(request.param)
+    yield request.param
+    kernels.set_cpu_isa(previous)
+
+
+def rows_of(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, u=None) -> SamplingRows:
+    def per_row(value, dtype):
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype)
+        return torch.full((n,), value, dtype=dtype)
+
+    return SamplingRows(
+        temperature=per_row(temperature, torch.float32),
+        top_k=per_row(top_k, torch.int64),
+        top_p=per_row(top_p, torch.float32),
+        min_p=per_row(min_p, torch.float32),
+        u=torch.rand(n) if u is None else per_row(u, torch.float32),
+    )
+
+
+def compiled_sample(logits, rows):
+    return kernels.sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.u)
+
+
+def emulated_cuda_sample(logits, rows, threads):
+    return kernels.emulated_cuda_sample(
+        logits, rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.u, threads
+    )
+
+
+def assert_same_tokens(logits, rows, emulate_threads=(1, 7, 64)):
+    expected = sampling.sample(logits, rows)
+    assert compiled_sample(logits, rows).tolist() == expected.tolist()
+    for threads in emulate_threads:
+        assert emulated_cuda_sample(logits, rows, threads).tolist() == expected.tolist()
+    return expected
+
+
+def test_compiled_ops_are_active():
+    assert ops.compiled("cpu")
+    assert kernels.cpu_isa() in ("avx512", "scalar")
+
+
+# ---- uniforms ----------------------------------------------------------------------------------
+
+
+def test_uniforms_are_bit_identical():
+    torch.manual_seed(0)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (5000,))
+    positions = torch.randint(-(2**40), 2**62, (5000,))
+    assert torch.equal(ops.uniforms(seeds, positions), rng.uniforms(seeds, positions))
+    # Broadcasting, as the proposer calls it: one seed per request, k positions each.
+    seeds, positions = torch.tensor([[3], [1 << 40]]), torch.arange(16)[None]
+    assert torch.equal(ops.uniforms(seeds, positions), rng.uniforms(seeds, positions))
+    assert ops.uniforms(torch.zeros(0), torch.zeros(0)).shape == (0,)
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+CONFIGS = [  # temperature, top_k, top_p, min_p
+    (1.0, 0, 1.0, 0.0), (0.7, 0, 0.95, 0.0), (1.3, 5, 1.0, 0.0), (0.5, 20, 0.8, 0.0),
+    (1.0, 1, 1.0, 0.0), (1.0, 0, 1e-6, 0.0), (0.9, 0, 1.0, 0.1), (0.0, 0, 1.0, 0.0),
+    (1e-5, 0, 1.0, 0.0), (2.0, 50, 0.9, 0.05),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("vocab", [1, 15, 17, 1000, 4099])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sample_matches_reference(isa, config, vocab, dtype):
+    torch.manual_seed(vocab)
+    num_rows = 37
+    logits = (torch.randn(num_rows, vocab) * 4).to(dtype)
+    assert_same_tokens(logits, rows_of(num_rows, *config))
+
+
+@pytest.mark.parametrize("vocab", [49152, 128256])
+def test_sample_matches_reference_at_model_vocab_sizes(isa, vocab):
+    torch.manual_seed(1)
+    num_rows = 64
+    logits = torch.randn(num_rows, vocab) * 3
+    # Each row its own transform: greedy, plain, top-k, top-p, min-p and mixes.
+    config = [CONFIGS[i % len(CONFIGS)] for i in range(num_rows)]
+    temperature, top_k, top_p, min_p = (torch.tensor(c) for c in zip(*config))
+    rows = rows_of(num_rows, temperature, top_k, top_p, min_p)
+    expected = sampling.sample(logits, rows)
+    assert compiled_sample(logits, rows).tolist() == expected.tolist()
+    assert compiled_sample(logits.to(torch.bfloat16), rows).tolist() == sampling.sample(
+        logits.to(torch.bfloat16), rows
+    ).tolist()
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 255, 256])
+def test_any_number_of_rows(isa, num_rows):
+    torch.manual_seed(num_rows)
+    logits = torch.randn(num_rows, 333) * 2
+    assert_same_tokens(logits, rows_of(num_rows, 0.8, 0, 0.9), emulate_threads=(32,))
+
+
+def test_empty_batch():
+    rows = rows_of(0)
+    assert compiled_sample(torch.zeros(0, 50), rows).shape == (0,)
+    output, accepted = kernels.sample_and_verify(
+        torch.zeros(0, 50), rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.u,
+        torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+    )
+    assert output.shape == (0, 5) and accepted.shape == (0,)
+
+
+def test_ties_at_a_cdf_boundary_go_to_the_next_token(isa):
+    logits = torch.zeros(4, 4)  # uniform: CDF boundaries at exactly 1/4, 1/2, 3/4
+    tokens = assert_same_tokens(logits, rows_of(4, u=torch.tensor([0.25, 0.5, 0.75, 0.2499])))
+    assert tokens.tolist() == [1, 2, 3, 0]
+
+
+def test_u_at_zero_and_just_below_one_skip_zero_probability_tokens(isa):
+    inf = float("inf")
+    logits = torch.tensor([[-inf, 0.0, -inf, 0.0, -inf, -200.0, -inf]] * 3)
+    tokens = assert_same_tokens(logits, rows_of(3, u=torch.tensor([0.0, 0.5 - 1e-7, 1 - 2**-24])))
+    # -inf and underflowing tokens are never drawn; u=0 takes the first allowed token.
+    assert tokens.tolist() == [1, 1, 3]
+
+
+def test_rows_without_mass_fall_back_to_the_argmax(isa):
+    inf = float("inf")
+    logits = torch.tensor([[-inf] * 5, [1.0, inf, 0.0, inf, 2.0]])
+    assert assert_same_tokens(logits, rows_of(2)).tolist() == [0, 1]
+
+
+def test_top_k_cuts_through_ties_in_token_id_order(isa):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 3.0, 2.0]] * 3)
+    # Top-2 of four equal maxima keeps the two lowest ids (1 and 2), as a stable sort does.
+    tokens = assert_same_tokens(logits, rows_of(3, top_k=2, u=torch.tensor([0.0, 0.49, 0.99])))
+    assert tokens.tolist() == [1, 1, 2]
+    # Top-1 is the argmax.
+    assert assert_same_tokens(logits, rows_of(3, top_k=1)).tolist() == [1, 1, 1]
+
+
+def test_top_k_and_top_p_with_few_tokens_of_weight(isa):
+    logits = torch.full((4, 300), float("-inf"))
+    logits[:, [3, 150, 299]] = torch.tensor([0.5, 2.0, 1.0])
+    rows = rows_of(4, top_k=torch.tensor([10, 2, 10, 0]), top_p=torch.tensor([1.0, 1.0, 0.5, 0.7]),
+                   u=torch.tensor([0.999, 0.999, 0.999, 0.999]))
+    # All three kept; top-2 drops token 3; top-p 0.5 and 0.7 keep the top token (≈0.63) alone
+    # or with the next (0.63 < 0.7).
+    assert assert_same_tokens(logits, rows).tolist() == [299, 299, 150, 299]
+
+
+def test_top_p_mass_exactly_at_the_bound(isa):
+    logits = torch.zeros(2, 4)  # mass before rank 2 is exactly 0.5 of the total: dropped
+    tokens = assert_same_tokens(logits, rows_of(2, top_p=0.5, u=torch.tensor([0.0, 1 - 2**-24])))
+    assert tokens.tolist() == [0, 1]
+    # A tiny top-p keeps only the top token.
+    torch.manual_seed(0)
+    logits = torch.randn(20, 1000)
+    tokens = assert_same_tokens(logits, rows_of(20, top_p=1e-9))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_temperature_near_zero(isa):
+    torch.manual_seed(0)
+    logits = torch.randn(30, 500) * 0.01
+    greedy = assert_same_tokens(logits, rows_of(30, temperature=0.99e-5))
+    assert greedy.tolist() == logits.argmax(-1).tolist()
+    # Just above the greedy threshold: sampled, and in practice the argmax.
+    assert assert_same_tokens(logits, rows_of(30, temperature=1e-5)).tolist() == greedy.tolist()
+
+
+def test_many_equal_weights_and_extreme_logits(isa):
+    torch.manual_seed(0)
+    logits = torch.randint(-3, 3, (50, 777)).float() * 10  # massive ties, underflow to 0
+    logits[:, 100] = 1e30
+    logits[::2, 100] = -1e30
+    for config in CONFIGS:
+        assert_same_tokens(logits, rows_of(50, *config), emulate_threads=(16,))
+
+
+# ---- fused sampling + coupled verification -----------------------------------------------------
+
+
+def verify_case(num_requests, max_k, vocab, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num_drafts = torch.randint(0, max_k + 1, (num_requests,), generator=generator)
+    num_rows = int((num_drafts + 1).sum())
+    logits = (torch.randn(num_rows, vocab, generator=generator) * 2).to(dtype)
+    temperature = torch.where(torch.rand(num_rows, generator=generator) < 0.3, 0.0, 0.8)
+    rows = rows_of(num_rows, temperature, 0, 0.95)
+    target = sampling.sample(logits, rows)
+    # Drafts that mostly match the target's own samples, so acceptance lengths vary.
+    drafts = torch.full((num_requests, max_k), -1, dtype=torch.long)
+    row = 0
+    for r, n in enumerate(num_drafts.tolist()):
+        drafts[r, :n] = target[row : row + n]
+        wrong = torch.rand(n, generator=generator) < 0.15
+        drafts[r, :n] = torch.where(wrong, (drafts[r, :n] + 1) % vocab, drafts[r, :n])
+        row += n + 1
+    return logits, rows, drafts, num_drafts
+
+
+@pytest.mark.parametrize("max_k", [1, 4, 16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sample_and_verify_matches_reference(isa, max_k, dtype):
+    logits, rows, drafts, num_drafts = verify_case(24, max_k, 1001, dtype, seed=max_k)
+    expected = sampling.sample_and_verify(logits, rows, drafts, num_drafts)
+    got = kernels.sample_and_verify(
+        logits, rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.u, drafts, num_drafts
+    )
+    assert got[0].tolist() == expected[0].tolist()
+    assert got[1].tolist() == expected[1].tolist()
+    assert 0 < int(expected[1].sum()) < int(num_drafts.sum())  # partial acceptance exercised
+
+
+def test_sample_and_verify_refuses_a_wrong_row_count():
+    logits, rows, drafts, num_drafts = verify_case(3, 2, 50)
+    with pytest.raises(RuntimeError, match="sum\\(num_drafts \\+ 1\\)"):
+        kernels.sample_and_verify(
+            logits[1:], rows.temperature[1:], rows.top_k[1:], rows.top_p[1:], rows.min_p[1:],
+            rows.u[1:], drafts, num_drafts,
+        )
+
+
+# ---- u-embeddings into the drafter's input buffer ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind,size", [("interpolated", 16), ("interpolated", 2), ("constant", 1)])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_u_embeddings_written_at_the_auxiliary_slots(kind, size, weight_dtype, out_dtype):
+    torch.manual_seed(size)
+    hidden, k = 67, 16
+    embedding = UEmbedding(kind, size, hidden).to(weight_dtype)
+    seeds = torch.randint(0, 2**62, (9,))
+    positions = torch.randint(0, 10_000, (9,))
+    greedy = torch.rand(9) < 0.3
+    expected = torch.randn(9, k + 1, hidden).to(out_dtype)
+    got = expected.clone()
+    ops.reference_write_u_embeddings(expected, 1, embedding, seeds, positions, greedy)
+    with torch.no_grad():
+        kernels.write_u_embeddings(
+            got, 1, embedding.weight, embedding.greedy, seeds, positions, greedy
+        )
+    assert torch.equal(got, expected)  # row 0 (the newest token's embedding) untouched too
+
+
+def test_u_embedding_reference_is_the_drafters_embedding_of_u():
+    embedding = UEmbedding("interpolated", 16, 8)
+    seeds, positions, greedy = torch.tensor([5, 6]), torch.tensor([10, 20]), torch.tensor([0, 1])
+    out = torch.zeros(2, 4, 8)
+    ops.write_u_embeddings(out, 1, embedding, seeds, positions, greedy.bool())
+    u = rng.uniforms(seeds[:, None], positions[:, None] + torch.arange(3))
+    assert torch.equal(out[0, 1:], embedding(u[0]).detach())
+    assert torch.equal(out[1, 1:], embedding.greedy.detach().expand(3, -1))
+    assert out[:, 0].abs().sum() == 0
+
+
+# ---- paged KV-cache slots ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 128])
+def test_paged_slots_match_block_table_indexing(block_size):
+    torch.manual_seed(block_size)
+    table = torch.randint(0, 1000, (7, 9), dtype=torch.int32)
+    batch_index = torch.tensor([6, 0, 3, 3])
+    start = torch.tensor([0, 5, block_size * 9 - 3, 17])
+    num_positions = block_size * 2 + 5
+    got = ops.paged_slots(table, batch_index, start, num_positions, block_size)
+    assert torch.equal(
+        got, ops.reference_paged_slots(table, batch_index, start, num_positions, block_size)
+    )
+    # Spot check against the definition; positions past the table get -1.
+    assert got[1, 0] == table[0, 5 // block_size] * block_size + 5 % block_size
+    assert (got[2, 3:] == -1).all() and (got[2, :3] >= 0).all()
+    assert ops.paged_slots(table, batch_index[:0], start[:0], 4, block_size).shape == (0, 4)

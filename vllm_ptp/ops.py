@@ -1,0 +1,175 @@
+"""The PTP ops: compiled csrc kernels when built, their torch references otherwise.
+
+Each op below has one reference (rng.uniforms, UEmbedding, sampling.sample / sample_and_verify,
+block-table indexing) and the kernels reproduce it exactly: same uniforms, same embeddings, same
+tokens. Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the references.
+"""
+
+import functools
+import os
+
+import torch
+from vllm.logger import init_logger
+
+from vllm_ptp import rng, sampling
+from vllm_ptp.models.gated_lora_llama import GREEDY_U, UEmbedding
+from vllm_ptp.sampling import SamplingRows
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
+
+
+@functools.cache
+def _loaded() -> frozenset[str]:
+    """Devices ("cpu", "cuda") with compiled ops in this process; loads them once."""
+    if os.environ.get("VLLM_PTP_KERNELS", "compiled") == "torch":
+        logger.info("PTP ops: torch reference (VLLM_PTP_KERNELS=torch)")
+        return frozenset()
+    try:
+        import vllm_ptp._C  # noqa: F401  (registers torch.ops.vllm_ptp)
+    except ImportError as error:
+        logger.warning("PTP ops: torch reference; compiled ops not built (%s)", error)
+        return frozenset()
+    devices = {"cpu"}
+    if torch.cuda.is_available():
+        try:
+            import vllm_ptp._C_cuda  # noqa: F401
+            devices.add("cuda")
+        except ImportError as error:
+            logger.warning("PTP ops: CUDA kernels not built (%s); CUDA tensors use torch", error)
+    _register_fakes()
+    logger.info(
+        "PTP ops: compiled kernels on %s (CPU ISA %s)",
+        "+".join(sorted(devices)),
+        torch.ops.vllm_ptp.cpu_isa(),
+    )
+    return frozenset(devices)
+
+
+def compiled(device: torch.device | str = "cpu") -> bool:
+    """Whether the compiled ops serve tensors on this device."""
+    return torch.device(device).type in _loaded()
+
+
+def _register_fakes() -> None:
+    # Shapes for torch.compile / meta tensors.
+    def fake_sample(logits, temperature, top_k, top_p, min_p, u):
+        return logits.new_empty(logits.shape[0], dtype=torch.long)
+
+    def fake_verify(logits, temperature, top_k, top_p, min_p, u, draft_tokens, num_drafts):
+        batch, max_k = draft_tokens.shape
+        return draft_tokens.new_empty(batch, max_k + 1), draft_tokens.new_empty(batch)
+
+    def fake_slots(block_table, batch_index, start, num_positions, block_size):
+        return batch_index.new_empty(batch_index.shape[0], num_positions, dtype=torch.long)
+
+    for name, fake in [
+        ("uniforms", lambda seeds, positions: seeds.new_empty(seeds.shape, dtype=torch.float32)),
+        ("sample", fake_sample),
+        ("sample_and_verify", fake_verify),
+        ("paged_slots", fake_slots),
+        ("write_u_embeddings", lambda *args: None),
+    ]:
+        torch.library.register_fake(f"vllm_ptp::{name}", fake)
+
+
+def uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """u(seed, position) in [0, 1) as float32; `seeds` and `positions` broadcast."""
+    seeds, positions = torch.broadcast_tensors(seeds.long(), positions.long())
+    if not compiled(seeds.device):
+        return rng.uniforms(seeds, positions)
+    return torch.ops.vllm_ptp.uniforms(seeds.contiguous(), positions.contiguous())
+
+
+def write_u_embeddings(
+    out: torch.Tensor,
+    first_slot: int,
+    u_embedding: UEmbedding,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    greedy: torch.Tensor,
+) -> None:
+    """out[n, first_slot + j] = u_embedding(u(seeds[n], positions[n] + j)), or the greedy
+    vector where greedy[n]; out is [N, slots, hidden] (e.g. the drafter's inputs_embeds)."""
+    if not compiled(out.device):
+        reference_write_u_embeddings(out, first_slot, u_embedding, seeds, positions, greedy)
+        return
+    torch.ops.vllm_ptp.write_u_embeddings(
+        out, first_slot, u_embedding.weight.detach(), u_embedding.greedy.detach(),
+        seeds.long(), positions.long(), greedy.bool(),
+    )
+
+
+def reference_write_u_embeddings(
+    out: torch.Tensor,
+    first_slot: int,
+    u_embedding: UEmbedding,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    greedy: torch.Tensor,
+) -> None:
+    steps = out.shape[1] - first_slot
+    offsets = torch.arange(steps, device=out.device)
+    u = rng.uniforms(seeds.long()[:, None], positions.long()[:, None] + offsets)
+    u = torch.where(greedy[:, None], GREEDY_U, u)
+    out[:, first_slot:] = u_embedding(u).to(out.dtype)
+
+
+def _row_args(logits: torch.Tensor, rows: SamplingRows) -> tuple[torch.Tensor, ...]:
+    return (
+        logits if logits.stride(-1) == 1 else logits.contiguous(),
+        rows.temperature.float().contiguous(),
+        rows.top_k.long().contiguous(),
+        rows.top_p.float().contiguous(),
+        rows.min_p.float().contiguous(),
+        rows.u.float().contiguous(),
+    )
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """One token per logits row (sampling.sample); int64 [rows]."""
+    if not compiled(logits.device):
+        return sampling.sample(logits, rows)
+    return torch.ops.vllm_ptp.sample(*_row_args(logits, rows))
+
+
+def sample_and_verify(
+    logits: torch.Tensor, rows: SamplingRows, draft_tokens: torch.Tensor, num_drafts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused sampling and coupled verification (sampling.sample_and_verify): rows after a
+    request's first mismatch are never sampled."""
+    if not compiled(logits.device):
+        return sampling.sample_and_verify(logits, rows, draft_tokens, num_drafts)
+    return torch.ops.vllm_ptp.sample_and_verify(
+        *_row_args(logits, rows), draft_tokens.long().contiguous(), num_drafts.long().contiguous()
+    )
+
+
+def paged_slots(
+    block_table: torch.Tensor,
+    batch_index: torch.Tensor,
+    start: torch.Tensor,
+    num_positions: int,
+    block_size: int,
+) -> torch.Tensor:
+    """KV-cache slots [N, num_positions] of positions start[n] + j of the requests in rows
+    batch_index of vLLM's block table [rows, blocks] (int32); -1 past the table."""
+    if not compiled(block_table.device):
+        return reference_paged_slots(block_table, batch_index, start, num_positions, block_size)
+    return torch.ops.vllm_ptp.paged_slots(
+        block_table, batch_index, start, num_positions, block_size
+    )
+
+
+def reference_paged_slots(
+    block_table: torch.Tensor,
+    batch_index: torch.Tensor,
+    start: torch.Tensor,
+    num_positions: int,
+    block_size: int,
+) -> torch.Tensor:
+    positions = start.long()[:, None] + torch.arange(num_positions, device=start.device)
+    block = positions // block_size
+    num_blocks = block_table.shape[1]
+    ids = block_table[batch_index.long()[:, None], block.clamp(0, max(num_blocks - 1, 0))]
+    slots = ids.long() * block_size + positions % block_size
+    return torch.where((positions >= 0) & (block < num_blocks), slots, -1)
