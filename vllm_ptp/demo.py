@@ -9,7 +9,7 @@ from statistics import median
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
-    ptp_stats,
+    speculation_stats,
     speculative_config,
 )
 
@@ -19,7 +19,7 @@ class RunResult:
     texts: list[str]
     token_ids: list[list[int]]
     seconds: float
-    stats: dict | None  # ptp_stats() of the run; None without speculation
+    stats: dict | None  # speculation_stats() of the run; None without speculation
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,11 +42,11 @@ def generate(
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up
         if spec:
-            ptp_stats(llm, reset=True)
+            speculation_stats(llm, reset=True)
         start = time.perf_counter()
         outputs = llm.chat(chats, sampling_params)
         seconds = time.perf_counter() - start
-        stats = ptp_stats(llm) if spec else None
+        stats = speculation_stats(llm) if spec else None
     finally:
         del llm
         gc.collect()

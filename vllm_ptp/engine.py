@@ -24,33 +24,55 @@ def allow_function_rpc() -> None:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 
-def _read_ptp_stats(worker) -> dict[str, Any]:
-    runner = worker.model_runner
-    stats = runner.rejection_sampler.stats
-    return {
-        "num_drafts": stats.num_drafts,
-        "num_draft_tokens": stats.num_draft_tokens,
-        "num_accepted_tokens": stats.num_accepted_tokens,
-        "mean_accepted_length": stats.mean_accepted_length,
-        "acceptance_by_position": stats.acceptance_by_position,
-        "drafter_pass_seconds": list(runner.drafter.pass_times),
-        "verify_pass_seconds": list(runner.verify_pass_times),
-    }
+def _count_verifications(sampler) -> None:
+    """Give vLLM's own rejection sampler (ngram, EAGLE, ...) the counters PTP's keeps."""
+    import torch
+
+    from vllm_ptp.sampling import PLACEHOLDER_TOKEN_ID
+    from vllm_ptp.verifier import VerificationStats
+
+    sampler.stats = VerificationStats()
+    forward = sampler.forward
+
+    def counted(metadata, *args, **kwargs):
+        output = forward(metadata, *args, **kwargs)
+        emitted = (output.sampled_token_ids != PLACEHOLDER_TOKEN_ID).sum(dim=1).cpu()
+        sampler.stats.record(torch.tensor(metadata.num_draft_tokens), emitted - 1)
+        return output
+
+    sampler.forward = counted
 
 
-def _reset_ptp_stats(worker) -> None:
+def _speculation_stats(worker, reset: bool) -> dict[str, Any]:
     from vllm_ptp.verifier import VerificationStats
 
     runner = worker.model_runner
-    runner.rejection_sampler.stats = VerificationStats()
-    runner.drafter.pass_times.clear()
-    runner.verify_pass_times.clear()
-
-
-def ptp_stats(llm, reset: bool = False) -> dict[str, Any]:
-    """Coupled-verification counters and pass times of one engine (its first worker).
-    The engine must have been started after `allow_function_rpc()`."""
-    stats = llm.collective_rpc(_read_ptp_stats)[0]
+    sampler = runner.rejection_sampler
+    if not hasattr(sampler, "stats"):
+        _count_verifications(sampler)
+    stats = sampler.stats
+    drafter_times = getattr(runner.drafter, "pass_times", [])
+    verify_times = getattr(runner, "verify_pass_times", [])
+    result = {
+        "num_drafts": stats.num_drafts,
+        "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "accepted_per_position": list(stats.accepted_per_position),
+        "mean_accepted_length": stats.mean_accepted_length,
+        "acceptance_by_position": stats.acceptance_by_position,
+        "drafter_pass_seconds": list(drafter_times),
+        "verify_pass_seconds": list(verify_times),
+    }
     if reset:
-        llm.collective_rpc(_reset_ptp_stats)
-    return stats
+        sampler.stats = VerificationStats()
+        drafter_times.clear()
+        verify_times.clear()
+    return result
+
+
+def speculation_stats(llm, reset: bool = False) -> dict[str, Any]:
+    """Verification counters and pass times of one speculative engine (its first worker): PTP's
+    own, or counted from vLLM's rejection sampler for other speculators (from the first call
+    on). Pass times are PTP's only. The engine must have been started after
+    `allow_function_rpc()`."""
+    return llm.collective_rpc(_speculation_stats, args=(reset,))[0]

@@ -131,12 +131,12 @@ def test_logprobs_and_stop_strings(engine, specbench_chats):
 
 
 def test_verification_counters_and_pass_times(engine, specbench_chats):
-    from vllm_ptp.engine import ptp_stats
+    from vllm_ptp.engine import speculation_stats
 
     llm = engine(8)
-    ptp_stats(llm, reset=True)
+    speculation_stats(llm, reset=True)
     llm.chat(specbench_chats[:2], SamplingParams(max_tokens=32, temperature=0.0))
-    stats = ptp_stats(llm)
+    stats = speculation_stats(llm)
     assert stats["num_drafts"] > 0 and stats["num_draft_tokens"] <= 8 * stats["num_drafts"]
     assert len(stats["acceptance_by_position"]) == 8
     assert stats["mean_accepted_length"] >= 1.0

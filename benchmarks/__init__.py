@@ -1,0 +1,1 @@
+"""Benchmarks of vllm-ptp (importable so that `vllm-ptp bench` and tests can reuse them)."""

@@ -1,0 +1,276 @@
+"""Spec-Bench through vLLM: several speculators side by side in one run.
+
+Every speculator gets its own engine with identical settings, all alive for the whole run. The
+questions are cut into chunks (one question at batch 1, up to eight of one category at batch 8)
+and every chunk is answered by every speculator before the next chunk starts, in an order that
+rotates from chunk to chunk, so drift of the machine hits all of them alike. Multi-turn questions
+are answered turn by turn with the conversation so far, as MT-bench does.
+"""
+
+import gc
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vllm_ptp.data import read_jsonl, shared_data_file
+from vllm_ptp.engine import (
+    TESTBED_ENGINE_KWARGS,
+    allow_function_rpc,
+    speculation_stats,
+    speculative_config,
+)
+
+# Same for every engine of a run: dtype, max length, KV-cache size (1/4 of the testbed default
+# so that a handful of engines fit in memory side by side).
+BENCH_ENGINE_KWARGS: dict[str, Any] = {
+    **TESTBED_ENGINE_KWARGS,
+    "kv_cache_memory_bytes": 512 << 20,
+}
+SAMPLED = {"temperature": 0.7, "top_p": 0.95}
+# vLLM's prompt-lookup speculator at the settings that did best here (benchmarks/README.md).
+NGRAM_DEFAULTS = {"k": 4, "min": 2, "max": 4}
+
+
+@dataclass(frozen=True)
+class Speculator:
+    name: str
+    spec: dict[str, Any] | None  # vLLM's speculative_config; None: no speculation
+    coupled: bool = False  # PTP family: sampled text is the target's F^-1(u) at any k
+
+
+# PTP-family speculators and what their checkpoints are.
+CHECKPOINT_KINDS = {
+    "ptp": "the paper's gated-LoRA drafter",
+    "independent": "the ablation: same drafter and recipe, auxiliary inputs that ignore u",
+}
+
+
+def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculator:
+    """`none`, `ngram[:k=4,min=2,max=4]`, or a PTP-family kind of CHECKPOINT_KINDS with `[:k=8]`,
+    served from `checkpoints[kind]`."""
+    kind, _, options = text.partition(":")
+    values = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            raise ValueError(f"speculator option {item!r} in {text!r}: expected name=integer")
+        values[key] = int(value)
+    if kind == "none":
+        return Speculator("no-spec", None)
+    if kind == "ngram":
+        v = {**NGRAM_DEFAULTS, **values}
+        spec = {"method": "ngram", "num_speculative_tokens": v["k"],
+                "prompt_lookup_min": v["min"], "prompt_lookup_max": v["max"]}
+        return Speculator(f"ngram-k{v['k']}", spec)
+    if kind in CHECKPOINT_KINDS:
+        checkpoint = checkpoints.get(kind)
+        if checkpoint is None:
+            raise ValueError(f"speculator {text!r} needs a checkpoint (--{kind})")
+        k = values.get("k", 8)
+        return Speculator(f"{kind}-k{k}", speculative_config(checkpoint, k), coupled=True)
+    raise ValueError(
+        f"unknown speculator {text!r}: use none, ngram or one of {sorted(CHECKPOINT_KINDS)}"
+    )
+
+
+@dataclass(frozen=True)
+class Mode:
+    sampling: str  # "greedy" or "sampled"
+    batch: int  # concurrent requests
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampling}-b{self.batch}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Mode":
+        sampling, _, batch = text.partition("-b")
+        if sampling not in ("greedy", "sampled") or not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"mode {text!r}: expected greedy-bN or sampled-bN")
+        return cls(sampling, int(batch))
+
+    def sampling_params(self, max_tokens: int, seed: int):
+        from vllm import SamplingParams
+
+        if self.sampling == "greedy":
+            return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return SamplingParams(max_tokens=max_tokens, seed=seed, **SAMPLED)
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int
+    category: str
+    turns: tuple[str, ...]
+
+
+def load_questions(
+    path: str | Path | None = None,
+    limit: int | None = None,
+    categories: list[str] | None = None,
+    per_category: int | None = None,
+) -> list[Question]:
+    """Spec-Bench-format questions (question_id, category, turns), in file order; optionally
+    only some categories, the first `per_category` of each, the first `limit` in all."""
+    rows = read_jsonl(path or shared_data_file("specbench_dev.jsonl"))
+    questions = [Question(r["question_id"], r["category"], tuple(r["turns"])) for r in rows]
+    if categories:
+        unknown = set(categories) - {q.category for q in questions}
+        if unknown:
+            raise ValueError(f"no questions of categories {sorted(unknown)} in {path}")
+        questions = [q for q in questions if q.category in categories]
+    if per_category:
+        taken: dict[str, int] = defaultdict(int)
+        subset = []
+        for q in questions:
+            taken[q.category] += 1
+            if taken[q.category] <= per_category:
+                subset.append(q)
+        questions = subset
+    return questions[:limit]
+
+
+def chunks(questions: list[Question], batch: int) -> list[list[Question]]:
+    """Up to `batch` questions of one category each, so per-category numbers are exact."""
+    by_category: dict[str, list[Question]] = defaultdict(list)
+    for q in questions:
+        by_category[q.category].append(q)
+    return [group[i : i + batch] for group in by_category.values()
+            for i in range(0, len(group), batch)]
+
+
+@dataclass
+class ChunkRun:
+    """One chunk answered by one speculator in one mode: the raw numbers."""
+
+    speculator: str
+    mode: str
+    category: str
+    question_ids: list[int]
+    seconds: float  # wall time of generation (the chat calls)
+    tokens: int  # generated tokens
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafter_pass_seconds: list[float] = field(default_factory=list)
+    verify_pass_seconds: list[float] = field(default_factory=list)
+
+
+def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int):
+    """Answer a chunk turn by turn; returns (seconds, {(question_id, turn): token ids})."""
+    conversations: dict[int, list[dict]] = {q.question_id: [] for q in chunk}
+    outputs: dict[tuple[int, int], list[int]] = {}
+    seconds = 0.0
+    for turn in range(max(len(q.turns) for q in chunk)):
+        active = [q for q in chunk if turn < len(q.turns)]
+        for q in active:
+            conversations[q.question_id].append({"role": "user", "content": q.turns[turn]})
+        params = [mode.sampling_params(max_tokens, seed=1000 * q.question_id + turn)
+                  for q in active]
+        start = time.perf_counter()
+        results = llm.chat([conversations[q.question_id] for q in active], params,
+                           use_tqdm=False)
+        seconds += time.perf_counter() - start
+        for q, result in zip(active, results):
+            completion = result.outputs[0]
+            conversations[q.question_id].append({"role": "assistant", "content": completion.text})
+            outputs[(q.question_id, turn)] = list(completion.token_ids)
+    return seconds, outputs
+
+
+def start_engines(target: str, speculators: list[Speculator], engine_kwargs: dict[str, Any]):
+    from vllm import LLM, SamplingParams
+
+    allow_function_rpc()
+    engines = {}
+    for speculator in tqdm(speculators, desc="starting engines"):
+        llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
+        llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+        if speculator.spec:
+            speculation_stats(llm, reset=True)
+        engines[speculator.name] = llm
+    return engines
+
+
+def run_bench(
+    target: str,
+    questions: list[Question],
+    speculators: list[Speculator],
+    modes: list[Mode],
+    max_tokens: int,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run every (mode, chunk, speculator) and return the raw runs plus the output checks."""
+    if not speculators or speculators[0].spec is not None:
+        raise ValueError("the first speculator must be `none` (the speed-up reference)")
+    started = time.perf_counter()
+    engines = start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS)
+    startup_seconds = time.perf_counter() - started
+    runs: list[ChunkRun] = []
+    outputs: dict[tuple[str, str], dict] = {}
+    plan = [(mode, chunk) for mode in modes for chunk in chunks(questions, mode.batch)]
+    progress = tqdm(total=len(plan) * len(speculators), desc="Spec-Bench")
+    try:
+        for index, (mode, chunk) in enumerate(plan):
+            shift = index % len(speculators)
+            for speculator in speculators[shift:] + speculators[:shift]:
+                llm = engines[speculator.name]
+                seconds, texts = answer(llm, chunk, mode, max_tokens)
+                outputs.setdefault((speculator.name, mode.name), {}).update(texts)
+                run = ChunkRun(speculator.name, mode.name, chunk[0].category,
+                               [q.question_id for q in chunk], seconds,
+                               sum(len(t) for t in texts.values()))
+                if speculator.spec:
+                    _add_stats(run, speculation_stats(llm, reset=True))
+                runs.append(run)
+                progress.update()
+    finally:
+        progress.close()
+        engines.clear()
+        gc.collect()
+    return {
+        "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
+                     "engine": {k: v for k, v in (engine_kwargs or BENCH_ENGINE_KWARGS).items()},
+                     "speculators": [asdict(s) for s in speculators],
+                     "modes": [m.name for m in modes], "sampled": SAMPLED},
+        "startup_seconds": startup_seconds,
+        "bench_seconds": time.perf_counter() - started,
+        "runs": [asdict(r) for r in runs],
+        "checks": output_checks(outputs, speculators, modes),
+    }
+
+
+def _add_stats(run: ChunkRun, stats: dict[str, Any]) -> None:
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position",
+                "drafter_pass_seconds", "verify_pass_seconds"):
+        setattr(run, key, stats[key])
+
+
+def output_checks(
+    outputs: dict[tuple[str, str], dict], speculators: list[Speculator], modes: list[Mode]
+) -> list[dict[str, Any]]:
+    """Greedy: every speculator's tokens equal no speculation's. Sampled: every PTP-family
+    speculator emits the same tokens (each is the target's F^-1(u) for the same seeds)."""
+    checks = []
+    for mode in modes:
+        if mode.sampling == "greedy":
+            reference, compared = speculators[0], speculators[1:]
+            what = "identical to no speculation"
+        else:
+            coupled = [s for s in speculators if s.coupled]
+            reference, compared = (coupled[0], coupled[1:]) if coupled else (None, [])
+            what = f"identical to {reference.name}" if reference else ""
+        for speculator in compared:
+            ours = outputs[(speculator.name, mode.name)]
+            theirs = outputs[(reference.name, mode.name)]
+            checks.append({
+                "mode": mode.name, "speculator": speculator.name, "check": what,
+                "identical": sum(ours[key] == theirs[key] for key in theirs),
+                "total": len(theirs),
+            })
+    return checks

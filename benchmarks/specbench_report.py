@@ -1,0 +1,204 @@
+"""Spec-Bench results: summary numbers, the markdown table, the PNG plots, the machine."""
+
+import json
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+SUMMED = ("seconds", "tokens", "num_drafts", "num_draft_tokens", "num_accepted_tokens")
+
+
+def _totals(runs: list[dict]) -> dict[str, Any]:
+    total = {key: sum(r[key] for r in runs) for key in SUMMED}
+    width = max((len(r["accepted_per_position"]) for r in runs), default=0)
+    total["accepted_per_position"] = [
+        sum(r["accepted_per_position"][i] for r in runs if i < len(r["accepted_per_position"]))
+        for i in range(width)
+    ]
+    total["drafter_pass_seconds"] = [t for r in runs for t in r["drafter_pass_seconds"]]
+    total["verify_pass_seconds"] = [t for r in runs for t in r["verify_pass_seconds"]]
+    return total
+
+
+def _measures(total: dict[str, Any]) -> dict[str, Any]:
+    tokens, accepted = total["tokens"], total["num_accepted_tokens"]
+    drafter, verify = total["drafter_pass_seconds"], total["verify_pass_seconds"]
+    return {
+        # Spec-Bench's tau: generated tokens per target verification step (each step emits its
+        # accepted drafts plus one token of the target's own).
+        "tau": tokens / (tokens - accepted) if tokens > accepted else 1.0,
+        "tokens_per_second": tokens / total["seconds"] if total["seconds"] else 0.0,
+        "tokens": tokens,
+        "seconds": total["seconds"],
+        "acceptance_by_position": [n / total["num_drafts"] for n in total["accepted_per_position"]]
+        if total["num_drafts"] else [],
+        "drafter_pass_ms": 1000 * median(drafter) if drafter else None,
+        "verify_pass_ms": 1000 * median(verify) if verify else None,
+    }
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{mode: {speculator: measures + speed-up + per_category}}; speed-ups are against the
+    first speculator (no speculation) of the same mode and category."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in raw["runs"]:
+        groups[(run["mode"], run["speculator"])].append(run)
+    reference = raw["settings"]["speculators"][0]["name"]
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode in raw["settings"]["modes"]:
+        summary[mode] = {}
+        for spec in (s["name"] for s in raw["settings"]["speculators"]):
+            runs = groups[(mode, spec)]
+            result = _measures(_totals(runs))
+            by_category: dict[str, list[dict]] = defaultdict(list)
+            for run in runs:
+                by_category[run["category"]].append(run)
+            result["per_category"] = {c: _measures(_totals(rs)) for c, rs in by_category.items()}
+            summary[mode][spec] = result
+        base = summary[mode][reference]
+        for result in summary[mode].values():
+            result["speedup"] = result["tokens_per_second"] / base["tokens_per_second"]
+            for category, measures in result["per_category"].items():
+                measures["speedup"] = (measures["tokens_per_second"]
+                                       / base["per_category"][category]["tokens_per_second"])
+    return summary
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(raw: dict[str, Any], summary: dict) -> str:
+    s = raw["settings"]
+    m = raw["machine"]
+    lines = [
+        "# Spec-Bench on the CPU testbed",
+        "",
+        f"Command: `{raw['command']}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']}, "
+        f"vLLM {m['vllm']}. {s['num_questions']} questions, up to {s['max_tokens']} new tokens "
+        f"per turn; sampled = temperature {s['sampled']['temperature']}, top-p "
+        f"{s['sampled']['top_p']}, fixed seeds. Engines: "
+        + ", ".join(f"{k}={v}" for k, v in s["engine"].items())
+        + f". Engine start-up {raw['startup_seconds']:.0f} s, whole run "
+        f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
+        "in the same run, interleaved chunk by chunk.",
+        "",
+        "| mode | speculator | τ | tok/s | speed-up | drafter pass ms | verify pass ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for mode, results in summary.items():
+        for spec, r in results.items():
+            lines.append(
+                f"| {mode} | {spec} | {r['tau']:.2f} | {r['tokens_per_second']:.1f} | "
+                f"{r['speedup']:.2f}× | {_fmt(r['drafter_pass_ms'], 1)} | "
+                f"{_fmt(r['verify_pass_ms'], 1)} |"
+            )
+    lines += ["", "Output checks:", ""]
+    lines += [f"- {c['mode']}, {c['speculator']}: {c['identical']}/{c['total']} outputs "
+              f"{c['check']}" for c in raw["checks"]]
+    for mode, results in summary.items():
+        categories = list(next(iter(results.values()))["per_category"])
+        lines += ["", f"## {mode}: τ / speed-up per category", "",
+                  "| speculator | " + " | ".join(categories) + " |",
+                  "| --- |" + " --- |" * len(categories)]
+        for spec, r in results.items():
+            cells = [f"{r['per_category'][c]['tau']:.2f} / {r['per_category'][c]['speedup']:.2f}×"
+                     for c in categories]
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+        lines += ["", f"{mode}: acceptance by draft position", ""]
+        for spec, r in results.items():
+            if r["acceptance_by_position"]:
+                lines.append(f"- {spec}: " + " ".join(f"{a:.2f}"
+                                                     for a in r["acceptance_by_position"]))
+    lines += ["", "![tau per category](tau_per_category.png)", "",
+              "![speed-up](speedup.png)", "", "![acceptance by position](acceptance.png)", ""]
+    return "\n".join(lines)
+
+
+def plots(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    modes = list(summary)
+    specs = list(summary[modes[0]])
+
+    fig, axes = plt.subplots(len(modes), 1, figsize=(12, 3.2 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        categories = list(summary[mode][specs[0]]["per_category"])
+        x = np.arange(len(categories))
+        width = 0.8 / len(specs)
+        for i, spec in enumerate(specs):
+            taus = [summary[mode][spec]["per_category"][c]["tau"] for c in categories]
+            ax.bar(x + i * width, taus, width, label=spec)
+        ax.set_xticks(x + 0.4 - width / 2, categories, rotation=20, fontsize=8)
+        ax.set_ylabel("τ (tokens / step)")
+        ax.set_title(mode)
+    axes[0, 0].legend(fontsize=8, ncol=len(specs))
+    fig.tight_layout()
+    fig.savefig(out / "tau_per_category.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = np.arange(len(modes))
+    width = 0.8 / len(specs)
+    for i, spec in enumerate(specs):
+        ax.bar(x + i * width, [summary[m][spec]["speedup"] for m in modes], width, label=spec)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x + 0.4 - width / 2, modes)
+    ax.set_ylabel("speed-up vs no speculation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for spec in specs:
+            acceptance = summary[mode][spec]["acceptance_by_position"]
+            if acceptance:
+                ax.plot(range(1, len(acceptance) + 1), acceptance, marker="o", label=spec)
+        ax.set_title(mode)
+        ax.set_xlabel("draft position")
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_ylabel("acceptance rate")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "acceptance.png", dpi=110)
+    plt.close(fig)
+
+
+def write_results(raw: dict[str, Any], out: str | Path, command: str) -> Path:
+    """Write results.json (every raw number), README.md (tables) and the plots into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = {"command": command, "machine": machine(), **raw}
+    summary = summarize(raw)
+    (out / "results.json").write_text(json.dumps({**raw, "summary": summary}, indent=1))
+    (out / "README.md").write_text(markdown(raw, summary))
+    plots(summary, out)
+    return out / "README.md"

@@ -1,0 +1,71 @@
+"""A quick Spec-Bench run through the real harness: structure and consistency of its report."""
+
+import json
+
+import pytest
+
+from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
+from benchmarks.specbench_report import write_results
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def bench(target_dir, ptp_checkpoint, tmp_path_factory):
+    questions = load_questions(limit=3)
+    checkpoints = {"ptp": ptp_checkpoint}
+    speculators = [parse_speculator(s, checkpoints) for s in ("none", "ngram", "ptp")]
+    modes = [Mode.parse("greedy-b1"), Mode.parse("sampled-b8")]
+    raw = run_bench(str(target_dir), questions, speculators, modes, max_tokens=32)
+    out = tmp_path_factory.mktemp("bench")
+    write_results(raw, out, "vllm-ptp bench --limit 3 --max-tokens 32")
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_report_files_and_structure(bench):
+    out, results = bench
+    for name in ("README.md", "tau_per_category.png", "speedup.png", "acceptance.png"):
+        assert (out / name).stat().st_size > 0
+    assert set(results["summary"]) == {"greedy-b1", "sampled-b8"}
+    for mode in results["summary"].values():
+        assert list(mode) == ["no-spec", "ngram-k4", "ptp-k8"]
+    # 3 single-question chunks at batch 1, one 3-question chunk at batch 8 (same category).
+    runs = results["runs"]
+    assert len(runs) == 3 * 3 + 1 * 3
+    assert all(r["tokens"] > 0 and r["seconds"] > 0 for r in runs)
+    assert "| greedy-b1 | ptp-k8 |" in (out / "README.md").read_text()
+
+
+def test_numbers_are_consistent(bench):
+    _, results = bench
+    for specs in results["summary"].values():
+        base = specs["no-spec"]
+        assert base["tau"] == 1.0 and base["speedup"] == 1.0
+        for r in specs.values():
+            assert r["tau"] >= 1.0
+            assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
+            assert r["speedup"] == pytest.approx(r["tokens_per_second"] / base["tokens_per_second"])
+            assert all(0.0 <= a <= 1.0 for a in r["acceptance_by_position"])
+        ptp = specs["ptp-k8"]
+        assert len(ptp["acceptance_by_position"]) == 8
+        assert ptp["drafter_pass_ms"] > 0 and ptp["verify_pass_ms"] > 0
+
+
+def test_greedy_outputs_identical_to_no_speculation(bench):
+    _, results = bench
+    greedy = [c for c in results["checks"] if c["mode"] == "greedy-b1"]
+    assert {c["speculator"] for c in greedy} == {"ngram-k4", "ptp-k8"}
+    assert all(c["identical"] == c["total"] == 3 for c in greedy)
+
+
+def test_speculator_and_mode_parsing_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown speculator"):
+        parse_speculator("eagle", {})
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        parse_speculator("independent:k=8", {"independent": None})
+    with pytest.raises(ValueError, match="expected name=integer"):
+        parse_speculator("ptp:k=eight", {"ptp": tmp_path})
+    with pytest.raises(ValueError, match="greedy-bN"):
+        Mode.parse("beam-b2")
+    with pytest.raises(ValueError, match="must be `none`"):
+        run_bench("unused", [], [parse_speculator("ptp", {"ptp": tmp_path})], [], 8)
