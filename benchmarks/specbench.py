@@ -7,7 +7,6 @@ rotates from chunk to chunk, so drift of the machine hits all of them alike. Mul
 are answered turn by turn with the conversation so far, as MT-bench does.
 """
 
-import gc
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from vllm_ptp.data import read_jsonl, shared_data_file
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
+    shutdown_engine,
     speculation_stats,
     speculative_config,
 )
@@ -231,8 +231,8 @@ def run_bench(
                 progress.update()
     finally:
         progress.close()
-        engines.clear()
-        gc.collect()
+        for llm in engines.values():
+            shutdown_engine(llm)
     return {
         "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
                      "engine": {k: v for k, v in (engine_kwargs or BENCH_ENGINE_KWARGS).items()},

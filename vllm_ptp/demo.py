@@ -1,6 +1,5 @@
 """The main job: PTP generation on a target, against no speculation, measured in one run."""
 
-import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +8,7 @@ from statistics import median
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
+    shutdown_engine,
     speculation_stats,
     speculative_config,
 )
@@ -48,8 +48,7 @@ def generate(
         seconds = time.perf_counter() - start
         stats = speculation_stats(llm) if spec else None
     finally:
-        del llm
-        gc.collect()
+        shutdown_engine(llm)
     return RunResult(
         texts=[o.outputs[0].text for o in outputs],
         token_ids=[list(o.outputs[0].token_ids) for o in outputs],

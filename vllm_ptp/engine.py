@@ -18,6 +18,12 @@ def speculative_config(checkpoint: str, k: int) -> dict[str, Any]:
     return {"model": str(checkpoint), "num_speculative_tokens": k}
 
 
+def shutdown_engine(llm) -> None:
+    """Stop an `LLM`'s engine processes now: garbage collection alone leaves them to finalizers,
+    and every engine still alive holds its KV cache (gigabytes on the testbed)."""
+    llm.llm_engine.engine_core.shutdown()
+
+
 def allow_function_rpc() -> None:
     """Let `LLM.collective_rpc` ship our functions to the engine's workers (cloudpickle over the
     engine's local IPC). Call before the engine starts; its processes inherit the setting."""

@@ -130,9 +130,9 @@ class TestServe:
 
         port = free_ports(1)[0]
         app = build_ptp_app(target_dir, ptp_checkpoint, K, num_replicas=2)
-        seconds = run_ptp_app(app, port=port, proxy_location="HeadOnly")  # one port, one proxy
-        print(f"Serve app with 2 PTP replicas serving after {seconds:.0f} s")
-        try:
+        try:  # a failed deployment must not leave replicas holding the cluster's CPUs
+            seconds = run_ptp_app(app, port=port, proxy_location="HeadOnly")  # one proxy
+            print(f"Serve app with 2 PTP replicas serving after {seconds:.0f} s")
             yield f"http://127.0.0.1:{port}"
         finally:
             serve.shutdown()

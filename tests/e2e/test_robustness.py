@@ -1,6 +1,5 @@
 """Bad input is refused with a clear error; a failing drafter never costs a request."""
 
-import gc
 import json
 import shutil
 
@@ -9,7 +8,7 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, speculative_config
+from vllm_ptp.engine import TESTBED_ENGINE_KWARGS, shutdown_engine, speculative_config
 
 pytestmark = pytest.mark.e2e
 
@@ -112,6 +111,5 @@ def test_preemption_and_recompute_change_nothing(target_dir, ptp_checkpoint, eng
     try:
         outputs = small.chat(chats, params)
     finally:
-        del small
-        gc.collect()
+        shutdown_engine(small)
     assert [o.outputs[0].token_ids for o in outputs] == expected
