@@ -131,28 +131,17 @@ PTP_HD float round_even(float x) {
 #endif
 }
 
-PTP_HD float float_of_bits(uint32_t bits) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(bits);
-#else
-  float out;
-  __builtin_memcpy(&out, &bits, sizeof(out));
+// The bits of a value as another type of the same size (std::bit_cast, on host and device).
+template <typename To, typename From>
+PTP_HD To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  To out;
+  __builtin_memcpy(&out, &x, sizeof(out));
   return out;
-#endif
-}
-
-PTP_HD uint32_t bits_of_float(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(x);
-#else
-  uint32_t bits;
-  __builtin_memcpy(&bits, &x, sizeof(bits));
-  return bits;
-#endif
 }
 
 PTP_HD float pow2(int n) {  // 2^n for n in [-126, 127]
-  return float_of_bits(static_cast<uint32_t>(n + 127) << 23);
+  return bit_cast<float>(static_cast<uint32_t>(n + 127) << 23);
 }
 
 // exp(d) for d in [kMinExponent, 0]: Cody-Waite reduction and a degree-6 Taylor polynomial
@@ -193,7 +182,7 @@ PTP_HD uint64_t key_of(int64_t weight, int64_t token) {
 // whether x * total was not an integer. x = mant * 2^-s with s >= 24 and total split at bit 24
 // keep every product within 63 bits.
 PTP_HD int64_t scaled_floor(float x, int64_t total, bool* inexact) {
-  const uint32_t bits = bits_of_float(x);
+  const uint32_t bits = bit_cast<uint32_t>(x);
   const int exponent = static_cast<int>((bits >> 23) & 0xFF);
   int64_t mant = bits & 0x7FFFFF;
   int shift = 149 - 24;
@@ -272,6 +261,16 @@ struct SamplingParams {
   int64_t top_k;
 };
 
+// Per-row sampling settings of a batch of logits rows (one array each, indexed by row).
+struct SamplingRows {
+  const float *temperature, *top_p, *min_p, *u;
+  const int64_t* top_k;
+
+  PTP_HD SamplingParams operator[](int64_t row) const {
+    return {temperature[row], top_p[row], min_p[row], u[row], top_k[row]};
+  }
+};
+
 constexpr float kGreedyTemperature = 1e-5f;  // sampling.GREEDY_TEMPERATURE
 
 PTP_BLOCK_TEMPLATE
@@ -281,7 +280,7 @@ PTP_HD int64_t block_argmax(Block& block, const T* x, int64_t vocab, float* max_
   const float* maxima = block.gather_f32([&](int t) {
     int64_t begin, end;
     chunk_of(vocab, t, n, &begin, &end);
-    float best = float_of_bits(0xFF800000u);  // -inf
+    float best = bit_cast<float>(0xFF800000u);  // -inf
     for (int64_t i = begin; i < end; ++i) {
       const float v = static_cast<float>(x[i]);
       best = v > best ? v : best;

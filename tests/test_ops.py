@@ -7,9 +7,9 @@ its scalar fallback, and the CUDA kernel's block algorithm on the host over an e
 import pytest
 import torch
 
+from tests.sampling_rows import rows_of
 from vllm_ptp import ops, rng, sampling
 from vllm_ptp.models.gated_lora_llama import UEmbedding
-from vllm_ptp.sampling import SamplingRows
 
 pytestmark = pytest.mark.skipif(not ops.compiled(), reason="compiled ops not built")
 kernels = torch.ops.vllm_ptp
@@ -23,21 +23,6 @@ def isa(request):
     kernels.set_cpu_isa(request.param)
     yield request.param
     kernels.set_cpu_isa(previous)
-
-
-def rows_of(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, u=None) -> SamplingRows:
-    def per_row(value, dtype):
-        if isinstance(value, torch.Tensor):
-            return value.to(dtype)
-        return torch.full((n,), value, dtype=dtype)
-
-    return SamplingRows(
-        temperature=per_row(temperature, torch.float32),
-        top_k=per_row(top_k, torch.int64),
-        top_p=per_row(top_p, torch.float32),
-        min_p=per_row(min_p, torch.float32),
-        u=torch.rand(n) if u is None else per_row(u, torch.float32),
-    )
 
 
 def compiled_sample(logits, rows):

@@ -3,21 +3,8 @@
 import pytest
 import torch
 
+from tests.sampling_rows import rows_of
 from vllm_ptp import sampling
-from vllm_ptp.sampling import SamplingRows
-
-
-def rows_of(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, u=None) -> SamplingRows:
-    def full(value, dtype):
-        return torch.full((n,), value, dtype=dtype)
-
-    return SamplingRows(
-        temperature=full(temperature, torch.float32),
-        top_k=full(top_k, torch.int64),
-        top_p=full(top_p, torch.float32),
-        min_p=full(min_p, torch.float32),
-        u=torch.rand(n) if u is None else u,
-    )
 
 
 def brute_force_sample(logits_row, temperature, top_k, top_p, min_p, u) -> int:

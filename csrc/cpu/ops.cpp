@@ -10,12 +10,13 @@
 #include <string>
 #include <vector>
 
-#include "../ptp_kernels.h"
+#include "../op_checks.h"
 
 namespace {
 
 using ptp::RowParams;
 using ptp::SamplingParams;
+using ptp::dispatch_float;
 
 constexpr int64_t kBlock = 256;  // tokens per prefix-sum block of the search
 #define PTP_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
@@ -295,46 +296,9 @@ int64_t sample_row(const T* x, int64_t vocab, const SamplingParams& s, const Row
 
 // ---- ops ----------------------------------------------------------------------------------------
 
-// Calls fn(T{}) with T the C++ type of a float32, bfloat16 or float16 tensor.
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, const char* what, Fn fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", dtype);
-  }
-}
-
-struct RowInputs {
-  const float *temperature, *top_p, *min_p, *u;
-  const int64_t* top_k;
-
-  SamplingParams operator[](int64_t row) const {
-    return {temperature[row], top_p[row], min_p[row], u[row], top_k[row]};
-  }
-};
-
-RowInputs check_rows(const at::Tensor& logits, const at::Tensor& temperature,
-                     const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-                     const at::Tensor& u) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [rows, vocab], rows "
-              "contiguous");
-  TORCH_CHECK(logits.size(1) < ptp::kMaxVocab, "vocab must be < 2^23");
-  const int64_t rows = logits.size(0);
-  for (const at::Tensor* t : {&temperature, &top_p, &min_p, &u}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows,
-                "temperature, top_p, min_p and u must be contiguous float32 [rows]");
-  }
-  TORCH_CHECK(top_k.scalar_type() == at::kLong && top_k.is_contiguous() && top_k.numel() == rows,
-              "top_k must be contiguous int64 [rows]");
-  return {temperature.data_ptr<float>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
-          u.data_ptr<float>(), top_k.data_ptr<int64_t>()};
-}
-
 // Calls fn(row_sampler) with row_sampler(row) -> token for the logits dtype.
 template <typename Fn>
-void with_row_sampler(const at::Tensor& logits, const RowInputs& rows, Fn fn) {
+void with_row_sampler(const at::Tensor& logits, const ptp::SamplingRows& rows, Fn fn) {
   dispatch_float(logits.scalar_type(), "logits", [&](auto type) {
     using scalar_t = decltype(type);
     const scalar_t* data = logits.data_ptr<scalar_t>();
@@ -349,7 +313,8 @@ void with_row_sampler(const at::Tensor& logits, const RowInputs& rows, Fn fn) {
 
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                   const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& u) {
-  const RowInputs rows = check_rows(logits, temperature, top_k, top_p, min_p, u);
+  const ptp::SamplingRows rows =
+      ptp::check_rows(at::kCPU, logits, temperature, top_k, top_p, min_p, u);
   const int64_t num_rows = logits.size(0);
   at::Tensor tokens = at::empty({num_rows}, logits.options().dtype(at::kLong));
   int64_t* out = tokens.data_ptr<int64_t>();
@@ -365,11 +330,9 @@ std::tuple<at::Tensor, at::Tensor> sample_and_verify(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& u,
     const at::Tensor& draft_tokens, const at::Tensor& num_drafts) {
-  const RowInputs rows = check_rows(logits, temperature, top_k, top_p, min_p, u);
-  TORCH_CHECK(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong &&
-              draft_tokens.is_contiguous(), "draft_tokens must be contiguous int64 [batch, k]");
-  TORCH_CHECK(num_drafts.scalar_type() == at::kLong && num_drafts.is_contiguous() &&
-              num_drafts.numel() == draft_tokens.size(0), "num_drafts must be int64 [batch]");
+  const ptp::SamplingRows rows =
+      ptp::check_rows(at::kCPU, logits, temperature, top_k, top_p, min_p, u);
+  ptp::check_drafts(draft_tokens, num_drafts);
   const int64_t batch = draft_tokens.size(0), max_k = draft_tokens.size(1);
   const int64_t* n = num_drafts.data_ptr<int64_t>();
   std::vector<int64_t> first_row(batch + 1, 0);

@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include "../ptp_kernels.h"
+#include "../op_checks.h"
 
 namespace {
 
@@ -41,18 +41,9 @@ class CudaBlock {
   float* f32_;
 };
 
-struct Rows {
-  const float *temperature, *top_p, *min_p, *u;
-  const int64_t* top_k;
-
-  __device__ ptp::SamplingParams operator[](int64_t row) const {
-    return {temperature[row], top_p[row], min_p[row], u[row], top_k[row]};
-  }
-};
-
 template <typename T>
-__global__ void sample_kernel(const T* logits, int64_t stride, int64_t vocab, Rows rows,
-                              int64_t* tokens) {
+__global__ void sample_kernel(const T* logits, int64_t stride, int64_t vocab,
+                              ptp::SamplingRows rows, int64_t* tokens) {
   __shared__ int64_t i64[kThreads];
   __shared__ float f32[kThreads];
   CudaBlock block(i64, f32);
@@ -64,7 +55,7 @@ __global__ void sample_kernel(const T* logits, int64_t stride, int64_t vocab, Ro
 // One block per request: its rows in order, stopping at the first mismatch.
 template <typename T>
 __global__ void sample_and_verify_kernel(const T* logits, int64_t stride, int64_t vocab,
-                                         Rows rows, const int64_t* drafts,
+                                         ptp::SamplingRows rows, const int64_t* drafts,
                                          const int64_t* num_drafts, const int64_t* first_row,
                                          int64_t max_k, int64_t* output, int64_t* accepted) {
   __shared__ int64_t i64[kThreads];
@@ -122,41 +113,17 @@ __global__ void paged_slots_kernel(const int32_t* table, int64_t table_stride, i
 
 // ---- host side ----------------------------------------------------------------------------------
 
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, const char* what, Fn fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", dtype);
-  }
-}
-
 int64_t blocks_for(int64_t n, int threads) { return (n + threads - 1) / threads; }
 
-Rows check_rows(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& u) {
-  TORCH_CHECK(logits.is_cuda() && logits.dim() == 2 && logits.stride(1) == 1,
-              "logits must be a CUDA [rows, vocab] tensor, rows contiguous");
-  TORCH_CHECK(logits.size(1) < ptp::kMaxVocab, "vocab must be < 2^23");
-  const int64_t rows = logits.size(0);
-  for (const at::Tensor* t : {&temperature, &top_p, &min_p, &u}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows,
-                "temperature, top_p, min_p and u must be contiguous float32 [rows]");
-  }
-  TORCH_CHECK(top_k.scalar_type() == at::kLong && top_k.is_contiguous() && top_k.numel() == rows,
-              "top_k must be contiguous int64 [rows]");
-  return {temperature.data_ptr<float>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(),
-          u.data_ptr<float>(), top_k.data_ptr<int64_t>()};
-}
 
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                   const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& u) {
-  const Rows rows = check_rows(logits, temperature, top_k, top_p, min_p, u);
+  const ptp::SamplingRows rows =
+      ptp::check_rows(at::kCUDA, logits, temperature, top_k, top_p, min_p, u);
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor tokens = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
   if (logits.size(0) == 0) return tokens;
-  dispatch_float(logits.scalar_type(), "logits", [&](auto type) {
+  ptp::dispatch_float(logits.scalar_type(), "logits", [&](auto type) {
     using T = decltype(type);
     sample_kernel<T><<<logits.size(0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.data_ptr<T>(), logits.stride(0), logits.size(1), rows,
@@ -170,11 +137,9 @@ std::tuple<at::Tensor, at::Tensor> sample_and_verify(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& u,
     const at::Tensor& draft_tokens, const at::Tensor& num_drafts) {
-  const Rows rows = check_rows(logits, temperature, top_k, top_p, min_p, u);
-  TORCH_CHECK(draft_tokens.dim() == 2 && draft_tokens.scalar_type() == at::kLong &&
-              draft_tokens.is_contiguous(), "draft_tokens must be contiguous int64 [batch, k]");
-  TORCH_CHECK(num_drafts.scalar_type() == at::kLong && num_drafts.is_contiguous() &&
-              num_drafts.numel() == draft_tokens.size(0), "num_drafts must be int64 [batch]");
+  const ptp::SamplingRows rows =
+      ptp::check_rows(at::kCUDA, logits, temperature, top_k, top_p, min_p, u);
+  ptp::check_drafts(draft_tokens, num_drafts);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t batch = draft_tokens.size(0), max_k = draft_tokens.size(1);
   const at::Tensor rows_per_request = num_drafts + 1;
@@ -182,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_verify(
   at::Tensor output = at::empty({batch, max_k + 1}, draft_tokens.options());
   at::Tensor accepted = at::empty({batch}, draft_tokens.options());
   if (batch == 0) return {output, accepted};
-  dispatch_float(logits.scalar_type(), "logits", [&](auto type) {
+  ptp::dispatch_float(logits.scalar_type(), "logits", [&](auto type) {
     using T = decltype(type);
     sample_and_verify_kernel<T><<<batch, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.data_ptr<T>(), logits.stride(0), logits.size(1), rows,
@@ -224,8 +189,8 @@ void write_u_embeddings(const at::Tensor& out, int64_t first_slot, const at::Ten
   const c10::cuda::CUDAGuard guard(out.device());
   const at::Tensor s = seeds.to(at::kLong).contiguous(), p = positions.to(at::kLong).contiguous();
   const at::Tensor g = greedy.contiguous();
-  dispatch_float(weight.scalar_type(), "u-embedding weight", [&](auto w_type) {
-    dispatch_float(out.scalar_type(), "out", [&](auto o_type) {
+  ptp::dispatch_float(weight.scalar_type(), "u-embedding weight", [&](auto w_type) {
+    ptp::dispatch_float(out.scalar_type(), "out", [&](auto o_type) {
       using W = decltype(w_type);
       using O = decltype(o_type);
       u_embedding_kernel<W, O><<<num * steps, 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
