@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import DraftQuery
+from vllm_ptp.models.quantized import _recover_weight, int8_view
 from vllm_ptp.models.target import from_hf_llama
 
 
@@ -69,3 +70,20 @@ def test_u_embedding_interpolates_between_learned_vectors(drafter):
     torch.testing.assert_close(embedding(torch.tensor([1.0]))[0], vectors[last])
     midpoint = embedding(torch.tensor([0.5 / last]))[0]
     torch.testing.assert_close(midpoint, (vectors[0] + vectors[1]) / 2)
+
+
+def test_int8_draft_weights_stay_close_to_the_target(drafter, hf_target, target_dir):
+    target, config = drafter.target, hf_target.config
+    # Applying a projection to the identity recovers its weight exactly.
+    recovered = _recover_weight(target.layers[0].o_proj, config.hidden_size, torch.float32)
+    assert torch.equal(recovered, hf_target.model.layers[0].self_attn.o_proj.weight)
+    text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built "
+            "in 1889 for the World's Fair, and for its museums such as the Louvre.")
+    ids = AutoTokenizer.from_pretrained(target_dir)(text, return_tensors="pt").input_ids
+    gate = torch.zeros(1, ids.shape[1] - 4, dtype=torch.bool)  # adapters off: the target itself
+    exact = run_rows(drafter, hf_target, ids, 4, gate)
+    drafter.bind_target(int8_view(target, config.hidden_size, config.intermediate_size))
+    approximate = run_rows(drafter, hf_target, ids, 4, gate)
+    top5 = approximate.topk(5, dim=-1).indices
+    assert (top5 == exact.argmax(-1, keepdim=True)).any(-1).all()
+    assert (approximate.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.8

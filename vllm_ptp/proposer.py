@@ -6,6 +6,7 @@ Context K/V are read straight from the target's paged KV cache; nothing is writt
 extra KV slots are reserved and the next verification step sees the cache unchanged.
 """
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,9 +19,30 @@ from vllm_ptp import ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import DraftQuery, GatedLoraDrafter
-from vllm_ptp.models.target import from_vllm_llama
+from vllm_ptp.models.quantized import int8_view
+from vllm_ptp.models.target import TargetView, from_vllm_llama
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
+
+DRAFT_WEIGHTS_CHOICES = ("int8", "target")
+
+
+def draft_weights_setting(device: torch.device) -> str:
+    """`VLLM_PTP_DRAFT_WEIGHTS`: which copy of the target's weights the drafter reads. `int8`
+    (the CPU default) is a per-channel int8 copy, about 4x fewer bytes per drafter pass; `target`
+    reads the served weights themselves. Drafts only steer speed: output is exact either way."""
+    default = "int8" if device.type == "cpu" else "target"
+    setting = os.environ.get("VLLM_PTP_DRAFT_WEIGHTS", default)
+    if setting not in DRAFT_WEIGHTS_CHOICES:
+        raise ValueError(
+            f"VLLM_PTP_DRAFT_WEIGHTS={setting!r} is not one of {DRAFT_WEIGHTS_CHOICES}"
+        )
+    if setting == "int8" and device.type != "cpu":
+        raise ValueError(
+            "VLLM_PTP_DRAFT_WEIGHTS=int8 uses torch's CPU int8 GEMMs; on "
+            f"{device.type} set VLLM_PTP_DRAFT_WEIGHTS=target"
+        )
+    return setting
 
 
 @dataclass
@@ -57,9 +79,12 @@ class PTPProposer:
         checkpoint = ptp_checkpoint_of(self.speculative_config)
         drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
         self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
-        self.drafter.bind_target(from_vllm_llama(target_model, hf_config))
+        draft_weights = draft_weights_setting(self.device)
+        self.drafter.bind_target(_draft_target(target_model, hf_config, draft_weights))
         self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]
-        logger.info("PTP drafter loaded from %s (k=%d)", checkpoint, self.k)
+        logger.info(
+            "PTP drafter loaded from %s (k=%d, %s weights)", checkpoint, self.k, draft_weights
+        )
 
     def propose(
         self,
@@ -161,6 +186,13 @@ class PTPProposer:
         )
         hidden = drafter(query, context)
         return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
+
+
+def _draft_target(target_model: torch.nn.Module, hf_config, draft_weights: str) -> TargetView:
+    target = from_vllm_llama(target_model, hf_config)
+    if draft_weights == "int8":
+        return int8_view(target, hf_config.hidden_size, hf_config.intermediate_size)
+    return target
 
 
 class PagedContext:
