@@ -50,8 +50,9 @@ CHECKPOINT_KINDS = {
 
 
 def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculator:
-    """`none`, `ngram[:k=4,min=2,max=4]`, or a PTP-family kind of CHECKPOINT_KINDS with `[:k=8]`,
-    served from `checkpoints[kind]`."""
+    """`none`, `ngram[:k=4,min=2,max=4]`, or a PTP-family kind of CHECKPOINT_KINDS with
+    `[:k=8][,batched=2]` (batched: k when 2+ requests share a step), served from
+    `checkpoints[kind]`."""
     kind, _, options = text.partition(":")
     values = {}
     for item in filter(None, options.split(",")):
@@ -62,6 +63,7 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
     if kind == "none":
         return Speculator("no-spec", None)
     if kind == "ngram":
+        _check_options(text, values, set(NGRAM_DEFAULTS))
         v = {**NGRAM_DEFAULTS, **values}
         spec = {"method": "ngram", "num_speculative_tokens": v["k"],
                 "prompt_lookup_min": v["min"], "prompt_lookup_max": v["max"]}
@@ -70,11 +72,23 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         checkpoint = checkpoints.get(kind)
         if checkpoint is None:
             raise ValueError(f"speculator {text!r} needs a checkpoint (--{kind})")
+        _check_options(text, values, {"k", "batched"})
         k = values.get("k", 8)
-        return Speculator(f"{kind}-k{k}", speculative_config(checkpoint, k), coupled=True)
+        spec, name = speculative_config(checkpoint, k), f"{kind}-k{k}"
+        if "batched" in values:  # k when 2+ requests share a step (vLLM's batch-size schedule)
+            batched = values["batched"]
+            spec["num_speculative_tokens_per_batch_size"] = [(1, 1, k), (2, 1 << 20, batched)]
+            name += f"-batched{batched}"
+        return Speculator(name, spec, coupled=True)
     raise ValueError(
         f"unknown speculator {text!r}: use none, ngram or one of {sorted(CHECKPOINT_KINDS)}"
     )
+
+
+def _check_options(text: str, values: dict[str, int], known: set[str]) -> None:
+    if unknown := set(values) - known:
+        raise ValueError(f"speculator {text!r}: unknown option(s) {sorted(unknown)}; "
+                         f"use {sorted(known)}")
 
 
 @dataclass(frozen=True)

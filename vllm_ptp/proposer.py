@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
 from vllm_ptp import ops
 from vllm_ptp.checkpoint import load_checkpoint
@@ -56,6 +57,11 @@ class DraftBatch:
     greedy: torch.Tensor  # [N] bool: greedy request (the drafter gets the greedy marker)
     num_drafts: np.ndarray  # [N] drafts wanted (k, fewer near max_model_len)
 
+    @property
+    def k(self) -> int:
+        """Auxiliary rows per request in this pass."""
+        return int(self.num_drafts.max())
+
 
 class PTPProposer:
     """Speculative proposer for PTP checkpoints; see the module docstring."""
@@ -64,6 +70,7 @@ class PTPProposer:
         self.vllm_config = vllm_config
         self.speculative_config = vllm_config.speculative_config
         self.k = self.speculative_config.num_speculative_tokens
+        self.k_by_batch_size = _k_by_batch_size(vllm_config)
         self.max_model_len = vllm_config.model_config.max_model_len
         self.device = device or torch.device("cpu")
         self.runner = runner
@@ -122,10 +129,10 @@ class PTPProposer:
         start = time.perf_counter()
         tokens = self._draft_tokens(batch)
         self.pass_times.append(time.perf_counter() - start)
-        if tokens.shape != (len(batch.batch_index), self.k):
+        if tokens.shape != (len(batch.batch_index), batch.k):
             raise RuntimeError(
                 f"PTP drafter returned drafts of shape {tuple(tokens.shape)}, expected "
-                f"{(len(batch.batch_index), self.k)}"
+                f"{(len(batch.batch_index), batch.k)}"
             )
         tokens = tokens.tolist()
         for row, index in enumerate(batch.batch_index):
@@ -140,7 +147,8 @@ class PTPProposer:
         if index.size == 0:
             return None
         num_tokens = num_tokens_no_spec[index].astype(np.int64)
-        num_drafts = np.clip(self.max_model_len - num_tokens, 0, self.k)
+        k = self.k_by_batch_size[len(sampled_token_ids)] if self.k_by_batch_size else self.k
+        num_drafts = np.clip(self.max_model_len - num_tokens, 0, k)
         keep = num_drafts > 0
         if not keep.any():
             return None
@@ -156,7 +164,7 @@ class PTPProposer:
 
     def _draft_tokens(self, batch: DraftBatch) -> torch.Tensor:
         drafter, target = self.drafter, self.drafter.target
-        n, k = len(batch.batch_index), self.k
+        n, k = len(batch.batch_index), batch.k
         steps = torch.arange(k)
         # Aux row j drafts token position+1+j with u of that token, and sits at RoPE position
         # position+j (the newest token's position for j = 0), as in the paper's drafter.
@@ -186,6 +194,20 @@ class PTPProposer:
         )
         hidden = drafter(query, context)
         return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
+
+
+def _k_by_batch_size(vllm_config: VllmConfig) -> list[int] | None:
+    """vLLM's `num_speculative_tokens_per_batch_size` as a batch size -> k table (None when not
+    set). vLLM's scheduler consults the same schedule; here it sizes the drafter pass, whose cost
+    grows with its 1 + k rows per request."""
+    schedule = vllm_config.speculative_config.num_speculative_tokens_per_batch_size
+    if not schedule:
+        return None
+    return build_dynamic_sd_schedule_lookup(
+        schedule,
+        vllm_max_batch_size=vllm_config.scheduler_config.max_num_seqs,
+        vllm_num_speculative_tokens=vllm_config.speculative_config.num_speculative_tokens,
+    )
 
 
 def _draft_target(target_model: torch.nn.Module, hf_config, draft_weights: str) -> TargetView:

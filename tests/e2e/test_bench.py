@@ -66,6 +66,11 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
         parse_speculator("independent:k=8", {"independent": None})
     with pytest.raises(ValueError, match="expected name=integer"):
         parse_speculator("ptp:k=eight", {"ptp": tmp_path})
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_speculator("ptp:kk=8", {"ptp": tmp_path})
+    batched = parse_speculator("ptp:k=8,batched=2", {"ptp": tmp_path})
+    assert batched.name == "ptp-k8-batched2"
+    assert batched.spec["num_speculative_tokens_per_batch_size"] == [(1, 1, 8), (2, 1 << 20, 2)]
     with pytest.raises(ValueError, match="greedy-bN"):
         Mode.parse("beam-b2")
     with pytest.raises(ValueError, match="must be `none`"):

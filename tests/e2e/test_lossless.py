@@ -3,9 +3,15 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from vllm import SamplingParams
+from vllm import LLM, SamplingParams
 
 from tests.e2e.hf_reference import hf_sample
+from vllm_ptp.engine import (
+    TESTBED_ENGINE_KWARGS,
+    shutdown_engine,
+    speculation_stats,
+    speculative_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +33,26 @@ def test_greedy_is_identical_to_no_speculation(engine, specbench_chats, greedy_b
     # 20 Spec-Bench prompts of mixed lengths in one batch, 128 new tokens each.
     params = SamplingParams(max_tokens=128, temperature=0.0)
     assert token_ids(engine(k).chat(specbench_chats[:20], params)) == greedy_baseline
+
+
+def test_batch_size_schedule_shortens_drafts_and_changes_nothing(
+    engine, target_dir, ptp_checkpoint, specbench_chats
+):
+    # vLLM's num_speculative_tokens_per_batch_size: 8 drafts alone, 2 each in a batch.
+    spec = {**speculative_config(ptp_checkpoint, 8),
+            "num_speculative_tokens_per_batch_size": [(1, 1, 8), (2, 256, 2)]}
+    params = SamplingParams(max_tokens=64, temperature=0.0)
+    expected = token_ids(engine(None).chat(specbench_chats[:8], params))
+    llm = LLM(model=str(target_dir), speculative_config=spec,
+              **{**TESTBED_ENGINE_KWARGS, "kv_cache_memory_bytes": 512 << 20})
+    try:
+        assert token_ids(llm.chat(specbench_chats[:8], params)) == expected
+        stats = speculation_stats(llm)
+    finally:
+        shutdown_engine(llm)
+    # Mostly batches of several requests (2 drafts each); 8 only once a single one is left.
+    assert stats["num_draft_tokens"] / stats["num_drafts"] < 4
+    assert stats["num_accepted_tokens"] > 0
 
 
 @pytest.fixture(scope="module")
