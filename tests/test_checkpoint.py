@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from vllm_ptp.checkpoint import init_checkpoint, load_checkpoint
@@ -14,6 +15,7 @@ from vllm_ptp.config import (
     is_ptp_checkpoint,
     load_ptp_config,
 )
+from vllm_ptp.data import SHIPPED_CHECKPOINT, SHIPPED_INDEPENDENT_CHECKPOINT
 
 
 @pytest.fixture
@@ -105,3 +107,12 @@ def test_init_checkpoint_cli_options(target_dir, tmp_path):
     path = init_checkpoint(target_dir, tmp_path / "c", lora_rank=4, u_embedding="constant")
     ptp = load_ptp_config(path)
     assert ptp.lora_rank == 4 and ptp.u_embedding == "constant"
+
+
+@pytest.mark.parametrize(
+    "path,reads_u", [(SHIPPED_CHECKPOINT, True), (SHIPPED_INDEPENDENT_CHECKPOINT, False)]
+)
+def test_shipped_checkpoints_load_for_the_testbed(path, reads_u, target):
+    drafter = load_checkpoint(path, target, k=8)
+    embedding = drafter.u_embedding(torch.tensor([0.1, 0.9]))
+    assert torch.equal(embedding[0], embedding[1]) != reads_u
