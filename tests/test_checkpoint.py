@@ -87,6 +87,13 @@ def test_refuses_unknown_drafter_kind(checkpoint, target):
         load_checkpoint(checkpoint, target)
 
 
+@pytest.mark.parametrize("layers", [0, 31])
+def test_refuses_impossible_number_of_draft_layers(checkpoint, target, layers):
+    edit_config(checkpoint, lambda d: d["ptp_config"].update(num_draft_layers=layers))
+    with pytest.raises(PTPCheckpointError, match=f"num_draft_layers={layers}.*1..30"):
+        load_checkpoint(checkpoint, target)
+
+
 @pytest.mark.parametrize("k", [0, 17])
 def test_refuses_impossible_k(checkpoint, target, k):
     with pytest.raises(PTPCheckpointError, match=f"num_speculative_tokens={k}.*1..16"):
@@ -103,10 +110,13 @@ def test_refuses_invalid_json_and_foreign_configs(checkpoint, tmp_path, target_d
         load_ptp_config(tmp_path / "nowhere")
 
 
-def test_init_checkpoint_cli_options(target_dir, tmp_path):
-    path = init_checkpoint(target_dir, tmp_path / "c", lora_rank=4, u_embedding="constant")
+def test_init_checkpoint_cli_options(target_dir, tmp_path, target):
+    path = init_checkpoint(target_dir, tmp_path / "c", lora_rank=4, u_embedding="constant",
+                           num_draft_layers=3)
     ptp = load_ptp_config(path)
-    assert ptp.lora_rank == 4 and ptp.u_embedding == "constant"
+    assert ptp.lora_rank == 4 and ptp.u_embedding == "constant" and ptp.num_draft_layers == 3
+    drafter = load_checkpoint(path, target)
+    assert list(drafter.layer_indices) == [27, 28, 29] and len(drafter.lora) == 3
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_ptp.checkpoint import load_checkpoint
+from vllm_ptp.checkpoint import init_checkpoint, load_checkpoint
 from vllm_ptp.config import TargetIdentity
-from vllm_ptp.models.gated_lora_llama import DraftQuery
+from vllm_ptp.models.gated_lora_llama import DraftQuery, draft_query
 from vllm_ptp.models.quantized import _recover_weight, int8_view
 from vllm_ptp.models.target import from_hf_llama
 
@@ -62,6 +62,30 @@ def test_adapters_act_only_on_gated_rows(drafter, hf_target):
     assert not torch.allclose(gated[2], plain[2])
 
 
+def test_shallow_drafter_runs_and_reads_only_its_top_layers(hf_target, target_dir, tmp_path):
+    checkpoint = init_checkpoint(target_dir, tmp_path / "shallow", num_draft_layers=4)
+    drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_target.config))
+    drafter.bind_target(from_hf_llama(hf_target))
+    assert drafter.adapts_token_row  # the newest token enters below its depth
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7493]])
+    with torch.no_grad():
+        cache = hf_target(ids[:, :-1], use_cache=True).past_key_values
+        read = []
+
+        def context(layer):
+            read.append(layer)
+            return cache.layers[layer].keys, cache.layers[layer].values
+
+        embeds = torch.cat(
+            (hf_target.model.embed_tokens(ids[:, -1:]), drafter.u_embedding(torch.rand(1, 3))),
+            dim=1,
+        )
+        query = draft_query(embeds, torch.tensor([6]), 6, drafter.adapts_token_row)
+        logits = drafter.logits(drafter(query, context))
+    assert read == [26, 27, 28, 29]
+    assert logits.shape == (1, 4, hf_target.config.vocab_size) and logits.isfinite().all()
+
+
 def test_u_embedding_interpolates_between_learned_vectors(drafter):
     embedding = drafter.u_embedding
     vectors = embedding.weight
@@ -82,7 +106,8 @@ def test_int8_draft_weights_stay_close_to_the_target(drafter, hf_target, target_
     ids = AutoTokenizer.from_pretrained(target_dir)(text, return_tensors="pt").input_ids
     gate = torch.zeros(1, ids.shape[1] - 4, dtype=torch.bool)  # adapters off: the target itself
     exact = run_rows(drafter, hf_target, ids, 4, gate)
-    drafter.bind_target(int8_view(target, config.hidden_size, config.intermediate_size))
+    layers = drafter.layer_indices
+    drafter.bind_target(int8_view(target, config.hidden_size, config.intermediate_size, layers))
     approximate = run_rows(drafter, hf_target, ids, 4, gate)
     top5 = approximate.topk(5, dim=-1).indices
     assert (top5 == exact.argmax(-1, keepdim=True)).any(-1).all()

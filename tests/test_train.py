@@ -4,15 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vllm_ptp.checkpoint import load_checkpoint
-from vllm_ptp.config import TargetIdentity
+from vllm_ptp.checkpoint import build_drafter, load_checkpoint
+from vllm_ptp.config import PTPCheckpointError, TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GREEDY_U
 from vllm_ptp.train.data import Sequence
 from vllm_ptp.train.distill import (
     IGNORE,
     TrainConfig,
     accepted_lengths,
+    init_from_checkpoint,
     make_windows,
+    new_ptp_config,
     step_generator,
     teacher_pass,
     train,
@@ -72,6 +74,19 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(model, sequences, t
     a = load_checkpoint(tmp_path / "a", target).state_dict()
     b = load_checkpoint(tmp_path / "b", target).state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_init_from_takes_a_checkpoints_weights_and_refuses_another_shape(
+    model, untrained_checkpoint
+):
+    drafter = build_drafter(new_ptp_config(model, "t", TrainConfig(lora_rank=16)))
+    init_from_checkpoint(drafter, str(untrained_checkpoint), model)
+    source = load_checkpoint(untrained_checkpoint, TargetIdentity.from_hf_config(model.config))
+    assert all(torch.equal(t, source.state_dict()[name])
+               for name, t in drafter.state_dict().items())
+    other = build_drafter(new_ptp_config(model, "t", TrainConfig(lora_rank=4)))
+    with pytest.raises(PTPCheckpointError, match="--init-from.*LoRA rank"):
+        init_from_checkpoint(other, str(untrained_checkpoint), model)
 
 
 def test_short_training_raises_teacher_forced_accepted_length(model, sequences, tmp_path):

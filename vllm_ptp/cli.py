@@ -36,7 +36,8 @@ def cmd_prepare_testbed(args: argparse.Namespace) -> None:
 def cmd_init_checkpoint(args: argparse.Namespace) -> None:
     from vllm_ptp.checkpoint import init_checkpoint
 
-    overrides = {"lora_rank": args.lora_rank, "max_k": args.max_k, "default_k": args.k}
+    overrides = {"lora_rank": args.lora_rank, "max_k": args.max_k, "default_k": args.k,
+                 "num_draft_layers": args.draft_layers}
     if args.u_embedding:
         overrides["u_embedding"] = args.u_embedding
     print(init_checkpoint(args.target, args.out, **overrides))
@@ -93,8 +94,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(
         steps=args.steps, k=args.k, windows=args.windows, lr=args.lr, grad_accum=args.grad_accum,
-        lora_rank=args.lora_rank, u_embedding=args.u_embedding, dtype=args.dtype,
-        max_len=args.max_len, seed=args.seed, stop_at=args.stop_at,
+        lora_rank=args.lora_rank, draft_layers=args.draft_layers, u_embedding=args.u_embedding,
+        dtype=args.dtype, max_len=args.max_len, seed=args.seed, stop_at=args.stop_at,
+        init_from=args.init_from,
     )
     target, model, tokenizer = _load_target(args.target)
     train_seqs, val_seqs = _sequences(args, tokenizer, cfg.max_len)
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="target HF model directory")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--draft-layers", type=int,
+                   help="run only the target's top N layers in the drafter (default: all)")
     p.add_argument("--max-k", type=int, default=16)
     p.add_argument("--k", type=int, default=8, help="default number of speculative tokens")
     p.add_argument("--u-embedding", choices=["interpolated", "constant"])
@@ -255,11 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--draft-layers", type=int,
+                   help="run only the target's top N layers in the drafter (default: all)")
     p.add_argument("--u-embedding", choices=["interpolated", "constant"], default="interpolated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--max-len", type=int, default=640)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-at", type=int, help="end this run at that step; rerun to resume")
+    p.add_argument("--init-from", help="start from this PTP checkpoint's weights (e.g. to "
+                   "continue training on more data)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="teacher-forced accepted length, without vLLM")

@@ -64,6 +64,10 @@ class PTPConfig:
     u_embedding_size: int = 16
     max_k: int = 16
     default_k: int = 8
+    # The drafter runs the target's top `num_draft_layers` layers (None: all of them, the
+    # paper's drafter). Fewer layers make a cheaper drafter that still reads the context's
+    # K/V of those (deep) layers from the target's KV cache.
+    num_draft_layers: int | None = None
     # The sampling transform the drafter was trained under (None: untrained).
     training_sampling: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +75,13 @@ class PTPConfig:
     @property
     def lora_scaling(self) -> float:
         return self.lora_alpha / self.lora_rank
+
+    @property
+    def first_draft_layer(self) -> int:
+        """Index of the first target layer the drafter runs."""
+        return self.target.num_hidden_layers - (
+            self.num_draft_layers or self.target.num_hidden_layers
+        )
 
     def to_checkpoint_json(self) -> dict[str, Any]:
         ptp = asdict(self)
@@ -123,6 +134,12 @@ class PTPConfig:
         unknown = set(self.lora_modules) - set(LORA_MODULES)
         if unknown:
             raise PTPCheckpointError(f"{where}: unknown LoRA modules {sorted(unknown)}.")
+        layers = self.target.num_hidden_layers
+        if self.num_draft_layers is not None and not 1 <= self.num_draft_layers <= layers:
+            raise PTPCheckpointError(
+                f"{where}: num_draft_layers={self.num_draft_layers} must be within 1..{layers} "
+                "(the target's layers) or null for all of them."
+            )
         if not 1 <= self.default_k <= self.max_k:
             raise PTPCheckpointError(
                 f"{where}: default_k={self.default_k} must be within 1..max_k={self.max_k}."

@@ -1,7 +1,8 @@
 """The vLLM proposer: k PTP drafts for every running request in one drafter pass.
 
-Per request the pass computes 1 + k rows: the newest token (adapters off; its K/V equal the
-target's) and k auxiliary rows carrying u(seed, position) for the next k tokens (adapters on).
+Per request the pass computes 1 + k rows: the newest token (at full depth with adapters off, so
+it is the target itself, and its next-token distribution gives the first draft) and k auxiliary
+rows carrying u(seed, position) for the next k tokens (adapters on).
 Context K/V are read straight from the target's paged KV cache; nothing is written to it, so no
 extra KV slots are reserved and the next verification step sees the cache unchanged.
 """
@@ -19,9 +20,10 @@ from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 from vllm_ptp import ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
-from vllm_ptp.models.gated_lora_llama import DraftQuery, GatedLoraDrafter
+from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
 from vllm_ptp.models.quantized import int8_view
 from vllm_ptp.models.target import TargetView, from_vllm_llama
+from vllm_ptp.sampling import SamplingRows
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
 
@@ -56,6 +58,7 @@ class DraftBatch:
     seed: torch.Tensor  # [N] int64 PTP seed of the request
     greedy: torch.Tensor  # [N] bool: greedy request (the drafter gets the greedy marker)
     num_drafts: np.ndarray  # [N] drafts wanted (k, fewer near max_model_len)
+    next_token_sampling: SamplingRows  # [N] each request's transform and u of token position+1
 
     @property
     def k(self) -> int:
@@ -87,7 +90,9 @@ class PTPProposer:
         drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
         self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
         draft_weights = draft_weights_setting(self.device)
-        self.drafter.bind_target(_draft_target(target_model, hf_config, draft_weights))
+        self.drafter.bind_target(
+            _draft_target(target_model, hf_config, draft_weights, self.drafter.layer_indices)
+        )
         self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]
         logger.info(
             "PTP drafter loaded from %s (k=%d, %s weights)", checkpoint, self.k, draft_weights
@@ -153,47 +158,50 @@ class PTPProposer:
         if not keep.any():
             return None
         index, num_tokens, num_drafts = index[keep], num_tokens[keep], num_drafts[keep]
+        position = torch.from_numpy(num_tokens - 1)
+        seed = torch.tensor([self.runner.ptp_seed(req_ids[i]) for i in index])
+        params = [self.runner.requests[req_ids[i]].sampling_params for i in index]
         return DraftBatch(
             batch_index=index,
             last_token=torch.tensor([sampled_token_ids[i][-1] for i in index]),
-            position=torch.from_numpy(num_tokens - 1),
-            seed=torch.tensor([self.runner.ptp_seed(req_ids[i]) for i in index]),
+            position=position,
+            seed=seed,
             greedy=torch.tensor([self.runner.is_greedy(req_ids[i]) for i in index]),
             num_drafts=num_drafts,
+            next_token_sampling=SamplingRows(
+                temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
+                top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
+                top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
+                u=ops.uniforms(seed, position + 1),
+            ),
         )
 
     def _draft_tokens(self, batch: DraftBatch) -> torch.Tensor:
         drafter, target = self.drafter, self.drafter.target
         n, k = len(batch.batch_index), batch.k
-        steps = torch.arange(k)
-        # Aux row j drafts token position+1+j with u of that token, and sits at RoPE position
-        # position+j (the newest token's position for j = 0), as in the paper's drafter.
         hidden_size = drafter.config.target.hidden_size
         inputs_embeds = torch.empty(n, k + 1, hidden_size, dtype=target.dtype)
         inputs_embeds[:, 0] = target.embed_tokens(batch.last_token)
         ops.write_u_embeddings(
             inputs_embeds, 1, drafter.u_embedding, batch.seed, batch.position + 1, batch.greedy
         )
-        positions = torch.cat((batch.position[:, None], batch.position[:, None] + steps), dim=1)
-        lora_gate = torch.ones(n, k + 1, dtype=torch.bool)
-        lora_gate[:, 0] = False
         context_len = int(batch.position.max())
-        context_mask = torch.arange(context_len)[None, :] < batch.position[:, None]
-        query = DraftQuery(
-            inputs_embeds=inputs_embeds,
-            positions=positions,
-            lora_gate=lora_gate,
-            self_mask=torch.ones(k + 1, k + 1, dtype=torch.bool).tril().expand(n, -1, -1),
-            context_mask=context_mask[:, None, :].expand(-1, k + 1, -1),
-        )
+        query = draft_query(inputs_embeds, batch.position, context_len, drafter.adapts_token_row)
         context = PagedContext(
             self.attention_layers,
             self.runner.input_batch.block_table[0],
             batch.batch_index,
             context_len,
         )
-        hidden = drafter(query, context)
-        return drafter.logits(hidden[:, 1:]).argmax(dim=-1)
+        logits = drafter.logits(drafter(query, context))
+        drafts = logits[:, 1:].argmax(dim=-1)
+        if not drafter.adapts_token_row:
+            # At full depth the newest token's row is the target itself (adapters off), so its
+            # next-token distribution gives the first draft exactly as verification will draw
+            # it, F^-1(u) under the request's transform, up to the draft weights' rounding.
+            drafts[:, 0] = ops.sample(logits[:, 0], batch.next_token_sampling)
+        return drafts
 
 
 def _k_by_batch_size(vllm_config: VllmConfig) -> list[int] | None:
@@ -210,10 +218,12 @@ def _k_by_batch_size(vllm_config: VllmConfig) -> list[int] | None:
     )
 
 
-def _draft_target(target_model: torch.nn.Module, hf_config, draft_weights: str) -> TargetView:
+def _draft_target(
+    target_model: torch.nn.Module, hf_config, draft_weights: str, layers: range
+) -> TargetView:
     target = from_vllm_llama(target_model, hf_config)
     if draft_weights == "int8":
-        return int8_view(target, hf_config.hidden_size, hf_config.intermediate_size)
+        return int8_view(target, hf_config.hidden_size, hf_config.intermediate_size, layers)
     return target
 
 

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 from vllm import LLM, SamplingParams
 
 from tests.e2e.hf_reference import hf_sample
+from vllm_ptp.checkpoint import init_checkpoint
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     shutdown_engine,
@@ -53,6 +54,44 @@ def test_batch_size_schedule_shortens_drafts_and_changes_nothing(
     # Mostly batches of several requests (2 drafts each); 8 only once a single one is left.
     assert stats["num_draft_tokens"] / stats["num_drafts"] < 4
     assert stats["num_accepted_tokens"] > 0
+
+
+def _drafter_passes_and_failures(worker) -> tuple[int, int]:
+    drafter = worker.model_runner.drafter
+    return len(drafter.pass_times), drafter.num_failures
+
+
+def test_shallow_drafter_serves_losslessly(engine, target_dir, specbench_chats, tmp_path):
+    # A drafter over the target's top 4 layers (untrained): it reads those layers' context K/V
+    # from the paged cache and adapts the newest token's row.
+    checkpoint = init_checkpoint(target_dir, tmp_path / "shallow", num_draft_layers=4)
+    params = SamplingParams(max_tokens=32, temperature=0.0)
+    expected = token_ids(engine(None).chat(specbench_chats[:4], params))
+    llm = LLM(model=str(target_dir), speculative_config=speculative_config(checkpoint, 4),
+              **{**TESTBED_ENGINE_KWARGS, "kv_cache_memory_bytes": 512 << 20})
+    try:
+        assert token_ids(llm.chat(specbench_chats[:4], params)) == expected
+        passes, failures = llm.collective_rpc(_drafter_passes_and_failures)[0]
+    finally:
+        shutdown_engine(llm)
+    assert passes > 0 and failures == 0
+
+
+def test_first_draft_is_the_targets_own_next_token(target_dir, untrained_checkpoint,
+                                                  specbench_chats):
+    # Untrained adapters draft nothing useful, but the newest token's row is the target itself:
+    # the first draft is its F^-1(u), which verification accepts unless the drafter's int8
+    # weights round it across a CDF boundary.
+    llm = LLM(model=str(target_dir), speculative_config=speculative_config(untrained_checkpoint, 2),
+              **{**TESTBED_ENGINE_KWARGS, "kv_cache_memory_bytes": 512 << 20})
+    try:
+        for params in (SamplingParams(max_tokens=48, temperature=0.0),
+                       SamplingParams(max_tokens=48, seed=3, **SAMPLED)):
+            speculation_stats(llm, reset=True)
+            llm.chat(specbench_chats[:4], params)
+            assert speculation_stats(llm)["acceptance_by_position"][0] >= 0.7
+    finally:
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")

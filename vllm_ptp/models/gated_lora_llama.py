@@ -1,8 +1,13 @@
 """The paper's PTP drafter: the target's own Llama weights plus LoRA adapters that are switched on
 only at auxiliary positions, whose inputs are embeddings of the uniforms u.
 
+The drafter runs all of the target's layers (the paper's drafter) or only its top ones
+(`num_draft_layers`): a drafter a fraction of the target's cost whose rows enter at that depth
+and still attend to the context's K/V of those deep layers.
+
 One module serves training and vLLM: the caller supplies the context K/V (from a full target
-forward in training, from vLLM's paged KV cache at inference) and the query rows to compute.
+forward in training, from vLLM's paged KV cache at inference) and the query rows to compute,
+laid out by `draft_query` in both.
 """
 
 from collections.abc import Callable
@@ -28,6 +33,28 @@ class DraftQuery:
     lora_gate: torch.Tensor  # [N, Q] bool: adapters on (auxiliary rows)
     self_mask: torch.Tensor  # [N, Q, Q] bool: row i may attend row j
     context_mask: torch.Tensor  # [N, Q, L] bool: row i may attend context position l
+
+
+def draft_query(
+    inputs_embeds: torch.Tensor, position: torch.Tensor, context_len: int, adapt_token_row: bool
+) -> DraftQuery:
+    """The rows of one drafter pass, per sequence: its newest token (row 0, at `position`, not
+    in the context) and k auxiliary rows. Aux row j drafts token position+1+j and sits at RoPE
+    position position+j, as in the paper. Every row attends to the context before `position`
+    and causally to the rows of its own sequence. inputs_embeds: [N, 1 + k, hidden]."""
+    n, rows = inputs_embeds.shape[:2]
+    position = position.long()
+    steps = torch.arange(rows - 1, device=position.device)
+    lora_gate = torch.ones(n, rows, dtype=torch.bool)
+    lora_gate[:, 0] = adapt_token_row
+    context_mask = torch.arange(context_len)[None, :] < position[:, None]
+    return DraftQuery(
+        inputs_embeds=inputs_embeds,
+        positions=torch.cat((position[:, None], position[:, None] + steps), dim=1),
+        lora_gate=lora_gate,
+        self_mask=torch.ones(rows, rows, dtype=torch.bool).tril().expand(n, -1, -1),
+        context_mask=context_mask[:, None, :].expand(-1, rows, -1),
+    )
 
 
 GREEDY_U = -1.0  # u value that marks a greedy request: the drafter sees its own vector
@@ -111,6 +138,7 @@ class GatedLoraDrafter(nn.Module):
         super().__init__()
         self.config = config
         self.scaling = config.lora_scaling
+        self.first_layer = config.first_draft_layer
         self.u_embedding = UEmbedding(
             config.u_embedding, config.u_embedding_size, config.target.hidden_size
         )
@@ -122,9 +150,21 @@ class GatedLoraDrafter(nn.Module):
                     for name in config.lora_modules
                 }
             )
-            for _ in range(config.target.num_hidden_layers)
+            for _ in range(self.first_layer, config.target.num_hidden_layers)
         )
         self.target: TargetView | None = None
+
+    @property
+    def adapts_token_row(self) -> bool:
+        """Whether the newest token's row needs the adapters. At full depth they stay off there,
+        so its K/V are the target's own; a shallower drafter feeds that token in below its
+        depth, and the adapters learn to make up for the missing layers."""
+        return self.first_layer > 0
+
+    @property
+    def layer_indices(self) -> range:
+        """The target layers the drafter runs (and whose context K/V it reads)."""
+        return range(self.first_layer, self.config.target.num_hidden_layers)
 
     def bind_target(self, target: TargetView) -> None:
         self.target = target
@@ -140,7 +180,8 @@ class GatedLoraDrafter(nn.Module):
         cos, sin = self._rope(query.positions, hidden.dtype)
         gate = query.lora_gate.unsqueeze(-1).to(hidden.dtype)
         mask = torch.cat((query.context_mask, query.self_mask), dim=-1).unsqueeze(1)
-        for index, (weights, adapters) in enumerate(zip(target.layers, self.lora)):
+        for index, adapters in zip(self.layer_indices, self.lora):
+            weights = target.layers[index]
             hidden = self._layer(hidden, weights, adapters, gate, cos, sin, mask, context(index))
         return _rms_norm(hidden, target.final_norm, target.rms_norm_eps)
 

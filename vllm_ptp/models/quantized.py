@@ -59,9 +59,12 @@ def _split(linear: Int8Linear, sizes: list[int]):
     return lambda x: linear(x).split(sizes, dim=-1)
 
 
-def int8_view(target: TargetView, hidden_size: int, intermediate_size: int) -> TargetView:
+def int8_view(
+    target: TargetView, hidden_size: int, intermediate_size: int, layers: range
+) -> TargetView:
     """The same target with q/k/v, o, gate/up and the LM head replaced by Int8Linears, and
-    down_proj by a Bf16Linear where the CPU has bf16 GEMMs."""
+    down_proj by a Bf16Linear where the CPU has bf16 GEMMs, in the given layers (the ones the
+    drafter runs; the others are left as served)."""
     q_size = target.num_heads * target.head_dim
     kv_size = target.num_kv_heads * target.head_dim
 
@@ -73,24 +76,27 @@ def int8_view(target: TargetView, hidden_size: int, intermediate_size: int) -> T
             return projection  # emulated bf16 would be slower than the served weights
         return Bf16Linear(_recover_weight(projection, intermediate_size, target.dtype))
 
+    def compact(layer: TargetLayer) -> TargetLayer:
+        return TargetLayer(
+            input_norm=layer.input_norm,
+            qkv=_split(quantize(layer.qkv, hidden_size), [q_size, kv_size, kv_size]),
+            o_proj=quantize(layer.o_proj, q_size),
+            post_norm=layer.post_norm,
+            gate_up=_split(
+                quantize(layer.gate_up, hidden_size), [intermediate_size, intermediate_size]
+            ),
+            down_proj=down_proj(layer.down_proj),
+        )
+
     with torch.inference_mode():
-        layers = [
-            TargetLayer(
-                input_norm=layer.input_norm,
-                qkv=_split(quantize(layer.qkv, hidden_size), [q_size, kv_size, kv_size]),
-                o_proj=quantize(layer.o_proj, q_size),
-                post_norm=layer.post_norm,
-                gate_up=_split(
-                    quantize(layer.gate_up, hidden_size), [intermediate_size, intermediate_size]
-                ),
-                down_proj=down_proj(layer.down_proj),
-            )
-            for layer in target.layers
+        compact_layers = [
+            compact(layer) if index in layers else layer
+            for index, layer in enumerate(target.layers)
         ]
         lm_head = quantize(target.lm_head, hidden_size)
     return TargetView(
         embed_tokens=target.embed_tokens,
-        layers=layers,
+        layers=compact_layers,
         final_norm=target.final_norm,
         lm_head=lm_head,
         num_heads=target.num_heads,

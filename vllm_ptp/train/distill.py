@@ -3,9 +3,10 @@
 Per step, the target (adapters off) runs once over a sequence, giving the context K/V and every
 next-token distribution. W windows of k tokens start at random completion positions; window
 token x_{s+j} gets u drawn inside its CDF interval under the target (greedy sequences get the
-greedy marker), and the drafter's auxiliary rows, attending to the context before s and to their
-own window, learn to output x_{s+j} from those u's (cross-entropy). Randomness is a function of
-(seed, step), so a resumed run is identical to an uninterrupted one.
+greedy marker). Each window is laid out as vLLM's proposer lays out a request: its newest token
+x_{s-1} and k auxiliary rows, attending to the context before s - 1 and to their own window;
+the auxiliary rows learn to output x_{s+j} from those u's (cross-entropy). Randomness is a
+function of (seed, step), so a resumed run is identical to an uninterrupted one.
 """
 
 import json
@@ -18,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_ptp.checkpoint import build_drafter, save_checkpoint
-from vllm_ptp.config import PTPConfig, TargetIdentity
-from vllm_ptp.models.gated_lora_llama import GREEDY_U, DraftQuery, GatedLoraDrafter
+from vllm_ptp.checkpoint import build_drafter, load_checkpoint, save_checkpoint
+from vllm_ptp.config import PTPCheckpointError, PTPConfig, TargetIdentity
+from vllm_ptp.models.gated_lora_llama import GREEDY_U, GatedLoraDrafter, draft_query
 from vllm_ptp.models.target import from_hf_llama
-from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows
+from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows, sample
 from vllm_ptp.train.data import Sequence
 from vllm_ptp.train.intervals import cdf_intervals, draw_inside
 
@@ -40,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     lora_rank: int = 16
     lora_alpha: float = 32.0
+    draft_layers: int | None = None  # the target's top layers the drafter runs (None: all)
     u_embedding: str = "interpolated"
     u_embedding_size: int = 16
     max_len: int = 640
@@ -50,10 +52,12 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     stop_at: int | None = None  # end this run early at that step (resume later to continue)
+    init_from: str | None = None  # start from this checkpoint's weights (same drafter shape)
 
 
 @dataclass
 class WindowBatch:
+    token_ids: torch.Tensor  # [length] the sequence
     starts: torch.Tensor  # [W] first token index of each window
     labels: torch.Tensor  # [W, k] tokens to predict (IGNORE past the sequence end)
     u: torch.Tensor  # [W, k] auxiliary inputs (GREEDY_U for greedy sequences)
@@ -70,42 +74,43 @@ def make_windows(
     safe = index.clamp(max=length - 1)
     labels = torch.where(valid, ids[safe], IGNORE)
     if seq.temperature < GREEDY_TEMPERATURE:
-        return WindowBatch(starts, labels, torch.full(labels.shape, GREEDY_U))
+        return WindowBatch(ids, starts, labels, torch.full(labels.shape, GREEDY_U))
     flat = safe.flatten()
+    # Windows overlap: each token's interval is computed once (the transform sorts the vocab).
+    positions, index_of = flat.unique(return_inverse=True)
     rows = SamplingRows(
-        temperature=torch.full(flat.shape, seq.temperature),
-        top_k=torch.full(flat.shape, seq.top_k),
-        top_p=torch.full(flat.shape, seq.top_p),
-        min_p=torch.zeros(flat.shape),
-        u=torch.zeros(flat.shape),
+        temperature=torch.full(positions.shape, seq.temperature),
+        top_k=torch.full(positions.shape, seq.top_k),
+        top_p=torch.full(positions.shape, seq.top_p),
+        min_p=torch.zeros(positions.shape),
+        u=torch.zeros(positions.shape),
     )
     # The distribution of token t is the target's output at position t - 1.
-    left, right = cdf_intervals(logits[flat - 1], ids[flat], rows)
+    left, right = cdf_intervals(logits[positions - 1], ids[positions], rows)
+    left, right = left[index_of], right[index_of]
     z = torch.distributions.Beta(beta, beta).sample(flat.shape) if beta > 0 else torch.rand(
         flat.shape, generator=gen
     )
-    return WindowBatch(starts, labels, draw_inside(left, right, z).view(labels.shape))
+    return WindowBatch(ids, starts, labels, draw_inside(left, right, z).view(labels.shape))
 
 
-def drafter_logits(
-    drafter: GatedLoraDrafter, cache, batch: WindowBatch, context_len: int
-) -> torch.Tensor:
-    """All windows in one pass: row j of window w sits at position s_w - 1 + j and attends to
-    the context before s_w and to rows 0..j of its own window. Returns [W, k, vocab]."""
-    windows, k = batch.u.shape
-    rows = windows * k
-    window_of_row = torch.arange(rows) // k
-    step_of_row = torch.arange(rows) % k
-    same_window = window_of_row[:, None] == window_of_row[None, :]
-    query = DraftQuery(
-        inputs_embeds=drafter.u_embedding(batch.u.flatten())[None],
-        positions=(batch.starts[window_of_row] - 1 + step_of_row)[None],
-        lora_gate=torch.ones(1, rows, dtype=torch.bool),
-        self_mask=(same_window & (step_of_row[None, :] <= step_of_row[:, None]))[None],
-        context_mask=(torch.arange(context_len)[None, :] < batch.starts[window_of_row, None])[None],
-    )
-    hidden = drafter(query, lambda i: (cache.layers[i].keys, cache.layers[i].values))
-    return drafter.logits(hidden).view(windows, k, -1)
+def drafter_logits(drafter: GatedLoraDrafter, cache, batch: WindowBatch) -> torch.Tensor:
+    """All windows in one pass, laid out as vLLM's proposer lays out requests (`draft_query`):
+    window w is a sequence whose newest token is x_{s_w - 1}, with the context before it.
+    Returns [W, k, vocab]."""
+    target = drafter.target
+    context_len = cache.layers[0].keys.shape[2]
+    position = batch.starts - 1
+    token_row = target.embed_tokens(batch.token_ids[position])[:, None]
+    inputs_embeds = torch.cat((token_row, drafter.u_embedding(batch.u)), dim=1)
+    query = draft_query(inputs_embeds, position, context_len, drafter.adapts_token_row)
+    windows = len(position)
+
+    def context(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = cache.layers[layer]
+        return kv.keys.expand(windows, -1, -1, -1), kv.values.expand(windows, -1, -1, -1)
+
+    return drafter.logits(drafter(query, context)[:, 1:])
 
 
 def accepted_lengths(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,7 +133,8 @@ def evaluate(
     drafter: GatedLoraDrafter, model, sequences: list[Sequence], k: int, windows: int, seed: int
 ) -> dict:
     """Teacher-forced expected accepted length (tau) and per-position acceptance at k, over all
-    sequences and separately for greedy and sampled ones."""
+    sequences and separately for greedy and sampled ones, with the drafts made as vLLM's
+    proposer makes them."""
     drafter.eval()
     lengths: dict[str, list[torch.Tensor]] = {"greedy": [], "sampled": []}
     correct_prefix = []
@@ -137,7 +143,9 @@ def evaluate(
             gen = step_generator(seed, i)
             logits, cache = teacher_pass(model, seq)
             batch = make_windows(seq, logits, windows, k, gen, beta=0.0)
-            predicted = drafter_logits(drafter, cache, batch, len(seq.token_ids)).argmax(-1)
+            predicted = drafter_logits(drafter, cache, batch).argmax(-1)
+            if not drafter.adapts_token_row:  # as served: see PTPProposer._draft_tokens
+                predicted[:, 0] = _first_drafts(seq, logits, batch)
             kind = "greedy" if seq.temperature < GREEDY_TEMPERATURE else "sampled"
             lengths[kind].append(accepted_lengths(predicted, batch.labels).float())
             correct = (predicted == batch.labels) & (batch.labels != IGNORE)
@@ -153,6 +161,20 @@ def evaluate(
     return result
 
 
+def _first_drafts(seq: Sequence, logits: torch.Tensor, batch: WindowBatch) -> torch.Tensor:
+    """The first draft of each window as vLLM's proposer makes it at full depth: the target's
+    own F^-1(u) from the newest token's row (here the teacher's logits at that position)."""
+    windows = len(batch.starts)
+    rows = SamplingRows(
+        temperature=torch.full((windows,), seq.temperature),
+        top_k=torch.full((windows,), seq.top_k),
+        top_p=torch.full((windows,), seq.top_p),
+        min_p=torch.zeros(windows),
+        u=batch.u[:, 0].clamp(min=0.0),  # greedy rows (GREEDY_U) take the argmax anyway
+    )
+    return sample(logits[batch.starts - 1], rows)
+
+
 def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfig:
     return PTPConfig(
         target=TargetIdentity.from_hf_config(target_model.config),
@@ -163,17 +185,33 @@ def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfi
         u_embedding_size=cfg.u_embedding_size,
         max_k=max(16, cfg.k),
         default_k=cfg.k,
+        num_draft_layers=cfg.draft_layers,
     )
 
 
-def _init_u_embedding(drafter: GatedLoraDrafter, target) -> None:
-    """Start the u vectors near the mean token embedding: in-distribution inputs for the target
-    layers, so early steps learn the task rather than undo an arbitrary input scale."""
+def _init_u_embedding(drafter: GatedLoraDrafter, model, seq: Sequence) -> None:
+    """Start the u vectors near the mean hidden state entering the drafter's first layer (the
+    token embeddings at full depth): in-distribution inputs for the target layers, so early
+    steps learn the task rather than undo an arbitrary input scale."""
     with torch.no_grad():
-        mean = target.embed_tokens.weight.mean(0)
+        out = model(torch.tensor([seq.token_ids]), output_hidden_states=True)
+        # Position 0 is left out: deep layers give the first token outsized activations.
+        mean = out.hidden_states[drafter.first_layer][0, 1:].mean(0)
         embedding = drafter.u_embedding
         embedding.weight.copy_(mean + 0.1 * mean.std() * torch.randn_like(embedding.weight))
         embedding.greedy.copy_(mean + 0.1 * mean.std() * torch.randn_like(mean))
+
+
+def init_from_checkpoint(drafter: GatedLoraDrafter, path: str, model) -> None:
+    """Continue training a checkpoint (e.g. on more data): its weights, fresh optimizer."""
+    source = load_checkpoint(path, TargetIdentity.from_hf_config(model.config))
+    mine, theirs = drafter.expected_weight_shapes(), source.expected_weight_shapes()
+    if mine != theirs:
+        raise PTPCheckpointError(
+            f"--init-from {path}: its drafter has other weights than this run's (LoRA rank, "
+            "modules, u-embedding or depth differ). Pass the same settings it was trained with."
+        )
+    drafter.load_state_dict(source.state_dict())
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -199,9 +237,11 @@ def train(
     torch.manual_seed(cfg.seed)
     drafter = build_drafter(new_ptp_config(model, target_name, cfg))
     drafter.config.training_sampling = training_sampling
-    target = from_hf_llama(model)
-    drafter.bind_target(target)
-    _init_u_embedding(drafter, target)
+    drafter.bind_target(from_hf_llama(model))
+    if cfg.init_from:
+        init_from_checkpoint(drafter, cfg.init_from, model)
+    else:
+        _init_u_embedding(drafter, model, train_sequences[0])
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
     history = {"config": asdict(cfg), "steps": [], "validation": []}
@@ -228,7 +268,7 @@ def train(
             logits, cache = teacher_pass(model, seq)
             batch = make_windows(seq, logits, cfg.windows, cfg.k, gen, cfg.z_beta)
             with autocast:
-                draft = drafter_logits(drafter, cache, batch, len(seq.token_ids))
+                draft = drafter_logits(drafter, cache, batch)
             loss = F.cross_entropy(
                 draft.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE
             )

@@ -3,6 +3,10 @@
 from pathlib import Path
 
 
+def _depth(draft_layers: int | None) -> str:
+    return f"the target's top {draft_layers} layers" if draft_layers else "full depth"
+
+
 def write_report(out_dir: str | Path, history: dict) -> Path:
     import matplotlib
 
@@ -37,8 +41,10 @@ def write_report(out_dir: str | Path, history: dict) -> Path:
         "",
         f"- steps: {steps[-1] if steps else 0}, windows per step: {cfg['windows']} x k={k}, "
         f"training wall time: {history['steps'][-1]['seconds'] / 60:.1f} min (2 CPU cores)",
-        f"- LoRA rank {cfg['lora_rank']}, u-embedding {cfg['u_embedding']} "
+        f"- drafter: {_depth(cfg.get('draft_layers'))}, LoRA rank {cfg['lora_rank']}, "
+        f"u-embedding {cfg['u_embedding']} "
         f"({cfg['u_embedding_size']} vectors), lr {cfg['lr']}, dtype {cfg['dtype']}",
+        *([f"- continued from the weights of {cfg['init_from']}"] if cfg.get("init_from") else []),
         f"- held-out teacher-forced tau @ k={k}: {last['tau']:.3f} (greedy sequences "
         f"{last.get('tau_greedy', float('nan')):.3f}, sampled T=0.7/top-p 0.95 "
         f"{last.get('tau_sampled', float('nan')):.3f})",
