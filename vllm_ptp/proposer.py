@@ -168,13 +168,7 @@ class PTPProposer:
             seed=seed,
             greedy=torch.tensor([self.runner.is_greedy(req_ids[i]) for i in index]),
             num_drafts=num_drafts,
-            next_token_sampling=SamplingRows(
-                temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32),
-                top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
-                top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
-                u=ops.uniforms(seed, position + 1),
-            ),
+            next_token_sampling=SamplingRows.of_requests(params, ops.uniforms(seed, position + 1)),
         )
 
     def _draft_tokens(self, batch: DraftBatch) -> torch.Tensor:

@@ -83,16 +83,7 @@ class PTPRunnerMixin:
         positions = (seq_lens - torch.from_numpy(num_drafts))[row_req] + row_offset
         seeds = torch.tensor([self.ptp_seed(req_id) for req_id in req_ids])[row_req]
 
-        def per_row(values, dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype)[row_req]
-
-        return SamplingRows(
-            temperature=per_row([p.temperature for p in params], torch.float32),
-            top_k=per_row([p.top_k for p in params], torch.int64),
-            top_p=per_row([p.top_p for p in params], torch.float32),
-            min_p=per_row([p.min_p for p in params], torch.float32),
-            u=ops.uniforms(seeds, positions),
-        )
+        return SamplingRows.of_requests(params, ops.uniforms(seeds, positions), row_req)
 
 
 class PTPCPUModelRunner(PTPRunnerMixin, CPUModelRunner):

@@ -7,6 +7,7 @@ integer weights (see WEIGHT_SCALE). Greedy rows
 inverse-CDF samples under the same u, so every emitted token is an exact sample of the target.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,25 @@ class SamplingRows:
     def greedy(cls, num_rows: int, device: torch.device | str = "cpu") -> "SamplingRows":
         zeros = torch.zeros(num_rows, device=device)
         return cls(zeros, zeros.long(), torch.ones(num_rows, device=device), zeros, zeros)
+
+    @classmethod
+    def of_requests(
+        cls, params: Sequence, u: torch.Tensor, row_request: torch.Tensor | None = None
+    ) -> "SamplingRows":
+        """Rows of requests' vLLM SamplingParams, one per request, or expanded to one per row
+        by `row_request` (each row's request index); `u` holds one uniform per row."""
+
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            values = torch.tensor([getattr(p, name) for p in params], dtype=dtype)
+            return values if row_request is None else values[row_request]
+
+        return cls(
+            temperature=column("temperature", torch.float32),
+            top_k=column("top_k", torch.int64),
+            top_p=column("top_p", torch.float32),
+            min_p=column("min_p", torch.float32),
+            u=u,
+        )
 
 
 # The CDF is built from exact integer weights, floor(2^40 * exp((x - max x) / T)), so prefix sums,

@@ -78,13 +78,7 @@ def make_windows(
     flat = safe.flatten()
     # Windows overlap: each token's interval is computed once (the transform sorts the vocab).
     positions, index_of = flat.unique(return_inverse=True)
-    rows = SamplingRows(
-        temperature=torch.full(positions.shape, seq.temperature),
-        top_k=torch.full(positions.shape, seq.top_k),
-        top_p=torch.full(positions.shape, seq.top_p),
-        min_p=torch.zeros(positions.shape),
-        u=torch.zeros(positions.shape),
-    )
+    rows = _transform_rows(seq, torch.zeros(positions.shape))
     # The distribution of token t is the target's output at position t - 1.
     left, right = cdf_intervals(logits[positions - 1], ids[positions], rows)
     left, right = left[index_of], right[index_of]
@@ -164,15 +158,19 @@ def evaluate(
 def _first_drafts(seq: Sequence, logits: torch.Tensor, batch: WindowBatch) -> torch.Tensor:
     """The first draft of each window as vLLM's proposer makes it at full depth: the target's
     own F^-1(u) from the newest token's row (here the teacher's logits at that position)."""
-    windows = len(batch.starts)
-    rows = SamplingRows(
-        temperature=torch.full((windows,), seq.temperature),
-        top_k=torch.full((windows,), seq.top_k),
-        top_p=torch.full((windows,), seq.top_p),
-        min_p=torch.zeros(windows),
-        u=batch.u[:, 0].clamp(min=0.0),  # greedy rows (GREEDY_U) take the argmax anyway
+    u = batch.u[:, 0].clamp(min=0.0)  # greedy rows (GREEDY_U) take the argmax anyway
+    return sample(logits[batch.starts - 1], _transform_rows(seq, u))
+
+
+def _transform_rows(seq: Sequence, u: torch.Tensor) -> SamplingRows:
+    """Rows of the transform `seq` was sampled under, one per entry of u."""
+    return SamplingRows(
+        temperature=torch.full(u.shape, seq.temperature),
+        top_k=torch.full(u.shape, seq.top_k),
+        top_p=torch.full(u.shape, seq.top_p),
+        min_p=torch.zeros(u.shape),
+        u=u,
     )
-    return sample(logits[batch.starts - 1], rows)
 
 
 def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfig:
