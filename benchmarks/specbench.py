@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from vllm_ptp.data import read_jsonl, shared_data_file
+from vllm_ptp.draft_length import min_acceptance_setting
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
@@ -254,6 +256,7 @@ def run_bench(
         "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
                      "engine": {k: v for k, v in (engine_kwargs or BENCH_ENGINE_KWARGS).items()},
                      "speculators": [asdict(s) for s in speculators],
+                     "ptp_min_acceptance": min_acceptance_setting(torch.device("cpu")),
                      "modes": [m.name for m in modes], "sampled": SAMPLED},
         "startup_seconds": startup_seconds,
         "bench_seconds": time.perf_counter() - started,

@@ -35,6 +35,8 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
         "seconds": total["seconds"],
         "acceptance_by_position": [n / total["num_drafts"] for n in total["accepted_per_position"]]
         if total["num_drafts"] else [],
+        "drafts_per_step": total["num_draft_tokens"] / total["num_drafts"]
+        if total["num_drafts"] else None,
         "drafter_pass_ms": 1000 * median(drafter) if drafter else None,
         "verify_pass_ms": 1000 * median(verify) if verify else None,
     }
@@ -88,6 +90,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _draft_length_note(settings: dict[str, Any]) -> str:
+    threshold = settings.get("ptp_min_acceptance")
+    if not threshold:
+        return ""
+    return (f". PTP proposes up to k drafts: the positions whose running acceptance is at least "
+            f"{threshold} plus one probe (VLLM_PTP_MIN_ACCEPTANCE)")
+
+
 def markdown(raw: dict[str, Any], summary: dict) -> str:
     s = raw["settings"]
     m = raw["machine"]
@@ -101,17 +111,20 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         f"per turn; sampled = temperature {s['sampled']['temperature']}, top-p "
         f"{s['sampled']['top_p']}, fixed seeds. Engines: "
         + ", ".join(f"{k}={v}" for k, v in s["engine"].items())
+        + _draft_length_note(s)
         + f". Engine start-up {raw['startup_seconds']:.0f} s, whole run "
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
         "in the same run, interleaved chunk by chunk.",
         "",
-        "| mode | speculator | τ | tok/s | speed-up | drafter pass ms | verify pass ms |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | speculator | τ | drafts/step | tok/s | speed-up | drafter pass ms | "
+        "verify pass ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for mode, results in summary.items():
         for spec, r in results.items():
             lines.append(
-                f"| {mode} | {spec} | {r['tau']:.2f} | {r['tokens_per_second']:.1f} | "
+                f"| {mode} | {spec} | {r['tau']:.2f} | {_fmt(r.get('drafts_per_step'), 2)} | "
+                f"{r['tokens_per_second']:.1f} | "
                 f"{r['speedup']:.2f}× | {_fmt(r['drafter_pass_ms'], 1)} | "
                 f"{_fmt(r['verify_pass_ms'], 1)} |"
             )

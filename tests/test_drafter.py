@@ -62,6 +62,28 @@ def test_adapters_act_only_on_gated_rows(drafter, hf_target):
     assert not torch.allclose(gated[2], plain[2])
 
 
+@pytest.mark.parametrize("modules", [None, ("q_proj", "v_proj", "up_proj")])
+def test_adapters_grouped_for_serving_match_training(hf_target, target_dir, tmp_path, modules):
+    """Serving stacks each fused projection's adapters once (prepare_for_serving); training
+    stacks them per forward. Both must give the same rows, also when only some projections of
+    a group are adapted (zero blocks in the stacked B)."""
+    overrides = {"lora_modules": modules} if modules else {}
+    checkpoint = init_checkpoint(target_dir, tmp_path / "c", **overrides)
+    drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_target.config))
+    drafter.bind_target(from_hf_llama(hf_target))
+    with torch.no_grad():
+        for adapter in drafter.lora.modules():
+            if hasattr(adapter, "lora_B"):
+                adapter.lora_B.normal_(std=0.05)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7493, 30, 378]])
+    gate = torch.tensor([[False, True, True]])
+    trained = run_rows(drafter, hf_target, ids, 6, gate)
+    drafter.prepare_for_serving()
+    served = run_rows(drafter, hf_target, ids, 6, gate)
+    torch.testing.assert_close(served, trained)
+    assert not torch.allclose(served[1:], run_rows(drafter, hf_target, ids, 6, ~gate)[1:])
+
+
 def test_shallow_drafter_runs_and_reads_only_its_top_layers(hf_target, target_dir, tmp_path):
     checkpoint = init_checkpoint(target_dir, tmp_path / "shallow", num_draft_layers=4)
     drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_target.config))

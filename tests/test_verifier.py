@@ -7,6 +7,7 @@ from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 from vllm_ptp import sampling
+from vllm_ptp.draft_length import AdaptiveDraftLength
 from vllm_ptp.sampling import SamplingRows
 from vllm_ptp.verifier import PTPRejectionSampler, PTPSampler
 
@@ -62,7 +63,8 @@ def test_coupled_verification_emits_the_targets_own_samples():
     # first draft is wrong (the target's token replaces it); request 2 has no drafts.
     drafts = [row_tokens[0:2], [(row_tokens[3] + 1) % VOCAB], []]
     sampler = PTPSampler("raw_logprobs")
-    verifier = PTPRejectionSampler(sampler)
+    draft_length = AdaptiveDraftLength(max_k=2, min_acceptance=0.1)
+    verifier = PTPRejectionSampler(sampler, draft_length=draft_length)
     sampler.pending_rows = rows
     out = verifier(spec_metadata(drafts), None, logits, sampling_metadata(max_num_logprobs=2))
     assert out.sampled_token_ids.tolist() == [
@@ -76,6 +78,8 @@ def test_coupled_verification_emits_the_targets_own_samples():
     torch.testing.assert_close(token_logprobs[0], logprobs[[0, 1, 2], row_tokens[0:3]])
     torch.testing.assert_close(token_logprobs[1, 0], logprobs[3, row_tokens[3]])
     assert sampler.pending_rows is None  # rows are consumed by exactly one sampling call
+    # The draft length learned from it: 1 of 2 first drafts and 1 of 1 second drafts accepted.
+    assert draft_length.rates[0] < 1.0 and draft_length.rates[1] == 1.0
 
 
 def test_plain_sampler_uses_inverse_cdf_rows():

@@ -89,6 +89,7 @@ class PTPProposer:
         checkpoint = ptp_checkpoint_of(self.speculative_config)
         drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
         self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
+        self.drafter.prepare_for_serving()
         draft_weights = draft_weights_setting(self.device)
         self.drafter.bind_target(
             _draft_target(target_model, hf_config, draft_weights, self.drafter.layer_indices)
@@ -153,6 +154,7 @@ class PTPProposer:
             return None
         num_tokens = num_tokens_no_spec[index].astype(np.int64)
         k = self.k_by_batch_size[len(sampled_token_ids)] if self.k_by_batch_size else self.k
+        k = min(k, self.runner.draft_length.num_drafts)
         num_drafts = np.clip(self.max_model_len - num_tokens, 0, k)
         keep = num_drafts > 0
         if not keep.any():

@@ -14,6 +14,7 @@ from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from vllm_ptp import ops, rng
+from vllm_ptp.draft_length import AdaptiveDraftLength, min_acceptance_setting
 from vllm_ptp.proposer import PTPProposer
 from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows
 from vllm_ptp.verifier import PTPRejectionSampler, PTPSampler
@@ -29,8 +30,11 @@ class PTPRunnerMixin:
 
     def _init_ptp(self) -> None:
         self.sampler = PTPSampler(self.model_config.logprobs_mode)
+        self.draft_length = AdaptiveDraftLength(
+            self.speculative_config.num_speculative_tokens, min_acceptance_setting(self.device)
+        )
         self.rejection_sampler = PTPRejectionSampler(
-            self.sampler, self.speculative_config, self.device
+            self.sampler, self.speculative_config, self.device, draft_length=self.draft_length
         )
         self.drafter = PTPProposer(self.vllm_config, self.device, self)
         self.verify_pass_times: list[float] = []  # target forward seconds, steps with drafts

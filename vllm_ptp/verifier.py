@@ -15,6 +15,7 @@ from vllm.v1.sample.sampler import Sampler
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 from vllm_ptp import ops, sampling
+from vllm_ptp.draft_length import AdaptiveDraftLength
 from vllm_ptp.sampling import SamplingRows
 
 
@@ -83,9 +84,10 @@ class PTPRejectionSampler(RejectionSampler):
 
     sampler: PTPSampler
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, draft_length: AdaptiveDraftLength, **kwargs):
         super().__init__(*args, **kwargs)
         self.stats = VerificationStats()
+        self.draft_length = draft_length  # learns from every verification
 
     def forward(
         self,
@@ -109,6 +111,7 @@ class PTPRejectionSampler(RejectionSampler):
         # Logits rows are grouped per request: its draft positions, then its bonus position.
         output, num_accepted = ops.sample_and_verify(logits, rows, draft_tokens, num_drafts)
         self.stats.record(num_drafts, num_accepted)
+        self.draft_length.record(num_drafts, num_accepted)
         output = output.to(torch.int32)
 
         logprobs_tensors = None

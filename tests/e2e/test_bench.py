@@ -47,7 +47,8 @@ def test_numbers_are_consistent(bench):
             assert r["speedup"] == pytest.approx(r["tokens_per_second"] / base["tokens_per_second"])
             assert all(0.0 <= a <= 1.0 for a in r["acceptance_by_position"])
         ptp = specs["ptp-k8"]
-        assert len(ptp["acceptance_by_position"]) == 8
+        assert 1 <= len(ptp["acceptance_by_position"]) <= 8  # positions verified at least once
+        assert 1.0 <= ptp["drafts_per_step"] <= 8
         assert ptp["drafter_pass_ms"] > 0 and ptp["verify_pass_ms"] > 0
 
 

@@ -202,7 +202,9 @@ def test_verification_counters_and_pass_times(engine, specbench_chats):
     speculation_stats(llm, reset=True)
     llm.chat(specbench_chats[:2], SamplingParams(max_tokens=32, temperature=0.0))
     stats = speculation_stats(llm)
-    assert stats["num_drafts"] > 0 and stats["num_draft_tokens"] <= 8 * stats["num_drafts"]
-    assert len(stats["acceptance_by_position"]) == 8
+    # Fewer than k=8 drafts per step on average: positions 5.. are almost never accepted by the
+    # shipped drafter, so the adaptive draft length stops proposing them.
+    assert stats["num_drafts"] > 0 and stats["num_draft_tokens"] < 8 * stats["num_drafts"]
+    assert 1 <= len(stats["acceptance_by_position"]) <= 8
     assert stats["mean_accepted_length"] >= 1.0
     assert len(stats["drafter_pass_seconds"]) > 0 and len(stats["verify_pass_seconds"]) > 0

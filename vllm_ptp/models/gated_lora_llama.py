@@ -10,7 +10,7 @@ forward in training, from vLLM's paged KV cache at inference) and the query rows
 laid out by `draft_query` in both.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -97,12 +97,51 @@ class LoraAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.randn(rank, in_features) / in_features**0.5)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))  # starts as the target
 
+
+# Projections that share an input, in the order the target computes them as one fused GEMM
+# (vLLM's qkv_proj and gate_up_proj). Their adapters act on that fused output together.
+PROJECTION_GROUPS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+@dataclass
+class GroupAdapter:
+    """The adapters of one projection group: their A's stacked [P * r, in], so the group's
+    low-rank input is one GEMM, and each B with the columns of the fused output it adds to.
+    At a drafter pass's few rows, calls cost more than FLOPs."""
+
+    lora_A: torch.Tensor
+    lora_B: list[tuple[slice, slice, torch.Tensor]]  # (output columns, rank columns, B)
+
+    @classmethod
+    def of(
+        cls, adapters: nn.ModuleDict, shapes: dict[str, tuple[int, int]], names: Iterable[str]
+    ) -> "GroupAdapter | None":
+        a_blocks, b_blocks, column = [], [], 0
+        for name in names:
+            columns = slice(column, column + shapes[name][1])
+            column = columns.stop
+            if name in adapters:
+                adapter = adapters[name]
+                rank = len(adapter.lora_A)
+                rank_columns = slice(rank * len(a_blocks), rank * (len(a_blocks) + 1))
+                a_blocks.append(adapter.lora_A)
+                b_blocks.append((columns, rank_columns, adapter.lora_B))
+        return cls(torch.cat(a_blocks), b_blocks) if a_blocks else None
+
     def add_to(
         self, base: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """base + scaling * ((x * gate) A^T) B^T; the 0/1 row gate is applied at rank r (same
-        result, fewer elements) and the last GEMM adds into base (one op instead of three)."""
-        return torch.addmm(base, F.linear(x, self.lora_A) * gate, self.lora_B.T, alpha=scaling)
+        """base + scaling * ((x A^T) * gate) B^T, in place, projection by projection; the 0/1
+        row gate is applied at rank (same result, fewer elements)."""
+        low = F.linear(x, self.lora_A) * gate
+        for columns, rank_columns, lora_B in self.lora_B:
+            base[:, columns].addmm_(low[:, rank_columns], lora_B.T, alpha=scaling)
+        return base
 
 
 def lora_shapes(config: PTPConfig) -> dict[str, tuple[int, int]]:
@@ -125,9 +164,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = roll(x, half) * [-1.., +1..] and
+    the signs are folded into signed_sin (bit-identical, two ops fewer)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class GatedLoraDrafter(nn.Module):
@@ -142,17 +182,18 @@ class GatedLoraDrafter(nn.Module):
         self.u_embedding = UEmbedding(
             config.u_embedding, config.u_embedding_size, config.target.hidden_size
         )
-        shapes = lora_shapes(config)
+        self.lora_shapes = lora_shapes(config)
         self.lora = nn.ModuleList(
             nn.ModuleDict(
                 {
-                    name: LoraAdapter(*shapes[name], config.lora_rank)
+                    name: LoraAdapter(*self.lora_shapes[name], config.lora_rank)
                     for name in config.lora_modules
                 }
             )
             for _ in range(self.first_layer, config.target.num_hidden_layers)
         )
         self.target: TargetView | None = None
+        self.served_adapters: list[dict[str, GroupAdapter]] | None = None
 
     @property
     def adapts_token_row(self) -> bool:
@@ -169,6 +210,13 @@ class GatedLoraDrafter(nn.Module):
     def bind_target(self, target: TargetView) -> None:
         self.target = target
 
+    def prepare_for_serving(self) -> None:
+        """Group every layer's adapters once, for a drafter that will not be trained again.
+        Training groups them in each forward instead, so gradients reach every projection's own
+        A and B (the checkpoint's parameters)."""
+        with torch.no_grad():
+            self.served_adapters = [self._group_adapters(layer) for layer in self.lora]
+
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.named_parameters()}
 
@@ -177,72 +225,75 @@ class GatedLoraDrafter(nn.Module):
         target = self.target
         assert target is not None, "bind_target() before running the drafter"
         hidden = query.inputs_embeds
-        cos, sin = self._rope(query.positions, hidden.dtype)
-        gate = query.lora_gate.unsqueeze(-1).to(hidden.dtype)
+        cos, signed_sin = self._rope(query.positions, hidden.dtype)
+        gate = query.lora_gate.reshape(-1, 1).to(hidden.dtype)
         mask = torch.cat((query.context_mask, query.self_mask), dim=-1).unsqueeze(1)
-        for index, adapters in zip(self.layer_indices, self.lora):
+        adapters = self.served_adapters or map(self._group_adapters, self.lora)
+        for index, layer_adapters in zip(self.layer_indices, adapters):
             weights = target.layers[index]
-            hidden = self._layer(hidden, weights, adapters, gate, cos, sin, mask, context(index))
+            hidden = self._layer(
+                hidden, weights, layer_adapters, gate, cos, signed_sin, mask, context(index)
+            )
         return _rms_norm(hidden, target.final_norm, target.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.target is not None
         return self.target.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
 
+    def _group_adapters(self, adapters: nn.ModuleDict) -> dict[str, GroupAdapter]:
+        groups = {
+            group: GroupAdapter.of(adapters, self.lora_shapes, names)
+            for group, names in PROJECTION_GROUPS.items()
+        }
+        return {group: adapter for group, adapter in groups.items() if adapter is not None}
+
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and signed sin (see `_apply_rope`) of every row: [N, Q, 1, head_dim] each."""
         target = self.target
+        half = target.head_dim // 2
         exponent = torch.arange(0, target.head_dim, 2, device=positions.device) / target.head_dim
         inv_freq = 1.0 / (target.rope_theta ** exponent.double())
         freqs = positions.unsqueeze(-1).double() * inv_freq
-        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [N, 1, Q, head_dim]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    def _adapt(
-        self, base: torch.Tensor, x: torch.Tensor, adapters: nn.ModuleDict, name: str,
-        gate: torch.Tensor,
-    ) -> torch.Tensor:
-        """Target projection output plus the gated LoRA delta (zero at non-auxiliary rows)."""
-        if name not in adapters:
-            return base
-        return adapters[name].add_to(base, x, gate, self.scaling)
+        angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
+        sign = torch.cat((-torch.ones(half), torch.ones(half))).to(angles)
+        return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
 
     def _layer(
         self,
         hidden: torch.Tensor,
         w: TargetLayer,
-        adapters: nn.ModuleDict,
+        adapters: dict[str, GroupAdapter],
         gate: torch.Tensor,
         cos: torch.Tensor,
-        sin: torch.Tensor,
+        signed_sin: torch.Tensor,
         mask: torch.Tensor,
         context_kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
+        """One target layer over the query rows: the target's projection of each fused group
+        plus its gated adapters (zero at non-auxiliary rows)."""
         target = self.target
         n, q_len, hidden_size = hidden.shape
-        flat_gate = gate.reshape(n * q_len, 1)
+        heads, kv_heads = target.num_heads, target.num_kv_heads
 
-        def adapt(base, x, name):
-            return self._adapt(base, x, adapters, name, flat_gate)
+        def adapt(base: torch.Tensor, x: torch.Tensor, group: str) -> torch.Tensor:
+            adapter = adapters.get(group)
+            return base if adapter is None else adapter.add_to(base, x, gate, self.scaling)
 
-        def heads(t: torch.Tensor, count: int) -> torch.Tensor:
-            return t.reshape(n, q_len, count, target.head_dim).transpose(1, 2)
-
-        x = _rms_norm(hidden, w.input_norm, target.rms_norm_eps).reshape(n * q_len, hidden_size)
-        q, k, v = w.qkv(x)
-        q = heads(adapt(q, x, "q_proj"), target.num_heads)
-        k = heads(adapt(k, x, "k_proj"), target.num_kv_heads)
-        v = heads(adapt(v, x, "v_proj"), target.num_kv_heads)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        x = _rms_norm(hidden, w.input_norm, target.rms_norm_eps).view(n * q_len, hidden_size)
+        qkv = adapt(w.qkv(x), x, "qkv").view(n, q_len, heads + 2 * kv_heads, target.head_dim)
+        qk = _apply_rope(qkv[:, :, : heads + kv_heads], cos, signed_sin).transpose(1, 2)
+        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         context_k, context_v = context_kv
-        keys = torch.cat((context_k.to(k.dtype), k), dim=2)
+        keys = torch.cat((context_k.to(qk.dtype), qk[:, heads:]), dim=2)
         values = torch.cat((context_v.to(v.dtype), v), dim=2)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        attn = F.scaled_dot_product_attention(
+            qk[:, :heads], keys, values, attn_mask=mask, enable_gqa=True
+        )
         attn = attn.transpose(1, 2).reshape(n * q_len, -1)
-        hidden = hidden + adapt(w.o_proj(attn), attn, "o_proj").view(n, q_len, hidden_size)
+        hidden = hidden + adapt(w.o_proj(attn), attn, "o").view(n, q_len, hidden_size)
 
-        x = _rms_norm(hidden, w.post_norm, target.rms_norm_eps).reshape(n * q_len, hidden_size)
-        gate_out, up_out = w.gate_up(x)
-        mlp = F.silu(adapt(gate_out, x, "gate_proj")) * adapt(up_out, x, "up_proj")
-        down = adapt(w.down_proj(mlp), mlp, "down_proj")
+        x = _rms_norm(hidden, w.post_norm, target.rms_norm_eps).view(n * q_len, hidden_size)
+        gate_proj, up_proj = adapt(w.gate_up(x), x, "gate_up").chunk(2, dim=-1)
+        mlp = F.silu(gate_proj) * up_proj
+        down = adapt(w.down_proj(mlp), mlp, "down")
         return hidden + down.view(n, q_len, hidden_size)

@@ -48,15 +48,8 @@ class Bf16Linear:
 
 
 def _recover_weight(projection: Callable, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """W of a linear map (or of several, concatenated along the output) from its action on I."""
-    out = projection(torch.eye(in_features, dtype=dtype))
-    if isinstance(out, tuple):
-        out = torch.cat(out, dim=-1)
-    return out.T.contiguous()
-
-
-def _split(linear: Int8Linear, sizes: list[int]):
-    return lambda x: linear(x).split(sizes, dim=-1)
+    """W of a linear map from its action on I."""
+    return projection(torch.eye(in_features, dtype=dtype)).T.contiguous()
 
 
 def int8_view(
@@ -66,7 +59,6 @@ def int8_view(
     down_proj by a Bf16Linear where the CPU has bf16 GEMMs, in the given layers (the ones the
     drafter runs; the others are left as served)."""
     q_size = target.num_heads * target.head_dim
-    kv_size = target.num_kv_heads * target.head_dim
 
     def quantize(projection: Callable, in_features: int) -> Int8Linear:
         return Int8Linear(_recover_weight(projection, in_features, target.dtype))
@@ -79,12 +71,10 @@ def int8_view(
     def compact(layer: TargetLayer) -> TargetLayer:
         return TargetLayer(
             input_norm=layer.input_norm,
-            qkv=_split(quantize(layer.qkv, hidden_size), [q_size, kv_size, kv_size]),
+            qkv=quantize(layer.qkv, hidden_size),
             o_proj=quantize(layer.o_proj, q_size),
             post_norm=layer.post_norm,
-            gate_up=_split(
-                quantize(layer.gate_up, hidden_size), [intermediate_size, intermediate_size]
-            ),
+            gate_up=quantize(layer.gate_up, hidden_size),
             down_proj=down_proj(layer.down_proj),
         )
 

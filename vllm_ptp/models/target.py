@@ -17,10 +17,10 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class TargetLayer:
     input_norm: torch.Tensor  # [hidden]
-    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    qkv: Projection  # -> [.., q | k | v], as vLLM's fused qkv_proj
     o_proj: Projection
     post_norm: torch.Tensor  # [hidden]
-    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    gate_up: Projection  # -> [.., gate | up], as vLLM's fused gate_up_proj
     down_proj: Projection
 
 
@@ -54,14 +54,6 @@ def _head_dims(hf_config) -> tuple[int, int, int]:
     return heads, kv_heads, getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
 
 
-def _vllm_split(module: nn.Module, sizes: list[int]):
-    def project(x: torch.Tensor):
-        out, _ = module(x)
-        return out.split(sizes, dim=-1)
-
-    return project
-
-
 def _vllm_linear(module: nn.Module) -> Projection:
     return lambda x: module(x)[0]
 
@@ -69,15 +61,13 @@ def _vllm_linear(module: nn.Module) -> Projection:
 def from_vllm_llama(model: nn.Module, hf_config) -> TargetView:
     """The target as served by vLLM (LlamaForCausalLM with fused qkv_proj and gate_up_proj)."""
     heads, kv_heads, head_dim = _head_dims(hf_config)
-    qkv_sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-    inter = hf_config.intermediate_size
     layers = [
         TargetLayer(
             input_norm=layer.input_layernorm.weight,
-            qkv=_vllm_split(layer.self_attn.qkv_proj, qkv_sizes),
+            qkv=_vllm_linear(layer.self_attn.qkv_proj),
             o_proj=_vllm_linear(layer.self_attn.o_proj),
             post_norm=layer.post_attention_layernorm.weight,
-            gate_up=_vllm_split(layer.mlp.gate_up_proj, [inter, inter]),
+            gate_up=_vllm_linear(layer.mlp.gate_up_proj),
             down_proj=_vllm_linear(layer.mlp.down_proj),
         )
         for layer in model.model.layers
@@ -104,10 +94,10 @@ def from_hf_llama(model: nn.Module) -> TargetView:
         attn, mlp = layer.self_attn, layer.mlp
         return TargetLayer(
             input_norm=layer.input_layernorm.weight,
-            qkv=lambda x: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)),
+            qkv=lambda x: torch.cat((attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)), dim=-1),
             o_proj=attn.o_proj,
             post_norm=layer.post_attention_layernorm.weight,
-            gate_up=lambda x: (mlp.gate_proj(x), mlp.up_proj(x)),
+            gate_up=lambda x: torch.cat((mlp.gate_proj(x), mlp.up_proj(x)), dim=-1),
             down_proj=mlp.down_proj,
         )
 
