@@ -13,11 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from vllm_ptp.data import read_jsonl, shared_data_file
-from vllm_ptp.draft_length import min_acceptance_setting
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
@@ -51,6 +49,7 @@ class Speculator:
 CHECKPOINT_KINDS = {
     "ptp": "the paper's gated-LoRA drafter",
     "independent": "the ablation: same drafter and recipe, auxiliary inputs that ignore u",
+    "shallow": "a gated-LoRA drafter over the target's top layers, fed its final hidden state",
 }
 
 
@@ -230,6 +229,10 @@ def run_bench(
     started = time.perf_counter()
     engines = start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS)
     startup_seconds = time.perf_counter() - started
+    coupled = [s for s in speculators if s.coupled]
+    min_acceptance = (
+        speculation_stats(engines[coupled[0].name])["min_acceptance"] if coupled else None
+    )
     runs: list[ChunkRun] = []
     outputs: dict[tuple[str, str], dict] = {}
     plan = [(mode, chunk) for mode in modes for chunk in chunks(questions, mode.batch)]
@@ -256,7 +259,7 @@ def run_bench(
         "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
                      "engine": {k: v for k, v in (engine_kwargs or BENCH_ENGINE_KWARGS).items()},
                      "speculators": [asdict(s) for s in speculators],
-                     "ptp_min_acceptance": min_acceptance_setting(torch.device("cpu")),
+                     "ptp_min_acceptance": min_acceptance,
                      "modes": [m.name for m in modes], "sampled": SAMPLED},
         "startup_seconds": startup_seconds,
         "bench_seconds": time.perf_counter() - started,

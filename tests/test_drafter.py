@@ -84,28 +84,32 @@ def test_adapters_grouped_for_serving_match_training(hf_target, target_dir, tmp_
     assert not torch.allclose(served[1:], run_rows(drafter, hf_target, ids, 6, ~gate)[1:])
 
 
-def test_shallow_drafter_runs_and_reads_only_its_top_layers(hf_target, target_dir, tmp_path):
+def test_shallow_drafter_reads_its_top_layers_and_the_previous_hidden_state(
+    hf_target, target_dir, tmp_path
+):
     checkpoint = init_checkpoint(target_dir, tmp_path / "shallow", num_draft_layers=4)
     drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_target.config))
     drafter.bind_target(from_hf_llama(hf_target))
     assert drafter.adapts_token_row  # the newest token enters below its depth
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 7493]])
     with torch.no_grad():
-        cache = hf_target(ids[:, :-1], use_cache=True).past_key_values
+        out = hf_target(ids[:, :-1], use_cache=True, output_hidden_states=True)
         read = []
 
         def context(layer):
             read.append(layer)
-            return cache.layers[layer].keys, cache.layers[layer].values
+            return out.past_key_values.layers[layer].keys, out.past_key_values.layers[layer].values
 
-        embeds = torch.cat(
-            (hf_target.model.embed_tokens(ids[:, -1:]), drafter.u_embedding(torch.rand(1, 3))),
-            dim=1,
-        )
-        query = draft_query(embeds, torch.tensor([6]), 6, drafter.adapts_token_row)
-        logits = drafter.logits(drafter(query, context))
-    assert read == [26, 27, 28, 29]
-    assert logits.shape == (1, 4, hf_target.config.vocab_size) and logits.isfinite().all()
+        def draft(previous_hidden):
+            token_row = drafter.token_row(hf_target.model.embed_tokens(ids[:, -1]), previous_hidden)
+            embeds = torch.cat((token_row[:, None], drafter.u_embedding(torch.rand(1, 3))), dim=1)
+            query = draft_query(embeds, torch.tensor([6]), 6, drafter.adapts_token_row)
+            return drafter.logits(drafter(query, context))
+
+        logits = draft(out.hidden_states[-1][:, -1])
+        assert read[:4] == [26, 27, 28, 29]
+        assert logits.shape == (1, 4, hf_target.config.vocab_size) and logits.isfinite().all()
+        assert not torch.allclose(logits, draft(torch.zeros_like(out.hidden_states[-1][:, -1])))
 
 
 def test_u_embedding_interpolates_between_learned_vectors(drafter):

@@ -7,10 +7,12 @@ from transformers import AutoModelForCausalLM
 from vllm_ptp.checkpoint import build_drafter, load_checkpoint
 from vllm_ptp.config import PTPCheckpointError, TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GREEDY_U
+from vllm_ptp.models.target import from_hf_llama
 from vllm_ptp.train.data import Sequence
 from vllm_ptp.train.distill import (
     IGNORE,
     TrainConfig,
+    _init_inputs,
     accepted_lengths,
     init_from_checkpoint,
     make_windows,
@@ -50,13 +52,28 @@ def sequences(model, target_dir):
 
 def test_windows_draw_u_inside_intervals_and_mark_greedy(model, sequences):
     sampled, greedy = sequences
-    logits, _ = teacher_pass(model, sampled)
+    logits = teacher_pass(model, sampled).logits
     batch = make_windows(sampled, logits, 16, 4, step_generator(0, 0), beta=0.3)
     assert (batch.starts >= sampled.completion_start).all()
     valid = batch.labels != IGNORE
     assert ((batch.u[valid] >= 0) & (batch.u[valid] < 1)).all()
-    logits, _ = teacher_pass(model, greedy)
+    logits = teacher_pass(model, greedy).logits
     assert (make_windows(greedy, logits, 8, 4, step_generator(0, 0), 0.3).u == GREEDY_U).all()
+
+
+def test_shallow_token_row_starts_as_a_fit_of_the_hidden_state_it_stands_for(model, sequences):
+    drafter = build_drafter(new_ptp_config(model, "t", TrainConfig(draft_layers=4)))
+    drafter.bind_target(from_hf_llama(model))
+    _init_inputs(drafter, model, sequences)
+    teacher = teacher_pass(model, sequences[0])
+    position = torch.arange(sequences[0].completion_start, len(sequences[0].token_ids))
+    embeds = model.model.embed_tokens(torch.tensor(sequences[0].token_ids)[position])
+    wanted = teacher.layer_inputs[drafter.first_layer][0, position]
+    with torch.no_grad():
+        fitted = drafter.token_row(embeds, teacher.hidden[position - 1])
+    # The row stands for the newest token's hidden state entering layer 26. On the sequences it
+    # was fitted to, the fit is closer to it than the bare embedding or their mean are.
+    assert (fitted - wanted).norm() < (wanted.mean(0) - wanted).norm() < (embeds - wanted).norm()
 
 
 def test_accepted_length_counts_the_correct_prefix():

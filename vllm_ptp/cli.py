@@ -133,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
     from benchmarks.specbench_report import write_results
-    from vllm_ptp.data import SHIPPED_INDEPENDENT_CHECKPOINT
+    from vllm_ptp.data import SHIPPED_INDEPENDENT_CHECKPOINT, SHIPPED_SHALLOW_CHECKPOINT
 
     def shipped(path: Path) -> Path | None:
         return path if (path / "config.json").is_file() else None
@@ -143,6 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "ptp": Path(args.ptp) if args.ptp else _default_checkpoint(target),
         "independent": Path(args.independent) if args.independent
         else shipped(SHIPPED_INDEPENDENT_CHECKPOINT),
+        "shallow": Path(args.shallow) if args.shallow else shipped(SHIPPED_SHALLOW_CHECKPOINT),
     }
     # By default every speculator whose checkpoint exists; named ones must have theirs.
     chosen = args.speculators or [
@@ -201,7 +202,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> None:
 
 
 BENCH_SPECULATORS = [
-    "none", "ngram", "ptp:k=4", "ptp:k=8", "ptp:k=16", "independent:k=8"
+    "none", "ngram", "ptp:k=4", "ptp:k=8", "ptp:k=16", "independent:k=8", "shallow:k=8"
 ]
 
 
@@ -283,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ptp", help="PTP checkpoint (default: the shipped one)")
     p.add_argument("--independent", help="checkpoint of the u-ignoring ablation drafter "
                    "(default: the shipped one)")
+    p.add_argument("--shallow", help="checkpoint of a shallow PTP drafter (default: the shipped "
+                   "one)")
     p.add_argument("--data", help="Spec-Bench-format JSONL (default: specbench_dev.jsonl)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--categories", nargs="+", help="only these categories")
@@ -290,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per turn")
     p.add_argument(
         "--speculators", nargs="+",
-        help="none | ngram[:k=4,min=2,max=4] | ptp[:k=8] | independent[:k=8]; the "
+        help="none | ngram[:k=4,min=2,max=4] | ptp[:k=8] | independent[:k=8] | shallow[:k=8]; the "
         f"first must be none (default: those of {' '.join(BENCH_SPECULATORS)} whose "
         "checkpoints exist)",
     )

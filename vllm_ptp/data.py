@@ -8,6 +8,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-ptp"
 # The paper's ablation: same drafter and recipe, auxiliary inputs that ignore u.
 SHIPPED_INDEPENDENT_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-independent"
+# The shallow drafter: the target's top layers, fed its final hidden state.
+SHIPPED_SHALLOW_CHECKPOINT = REPO_ROOT / "checkpoints" / "smollm2-135m-instruct-ptp-shallow"
 
 
 def shared_data_file(name: str) -> Path:

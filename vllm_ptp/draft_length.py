@@ -35,6 +35,17 @@ def min_acceptance_setting(device: torch.device) -> float:
     return setting
 
 
+def counts_by_position(
+    num_drafts: torch.Tensor, num_accepted: torch.Tensor
+) -> tuple[list[int], list[int]]:
+    """Per draft position of one verification step: how many requests had a draft there
+    (verified) and how many accepted it. Both as long as the most drafts any request had."""
+    positions = torch.arange(int(num_drafts.max()) if num_drafts.numel() else 0)
+    verified = (num_drafts[None, :] > positions[:, None]).sum(dim=1)
+    accepted = (num_accepted[None, :] > positions[:, None]).sum(dim=1)
+    return verified.tolist(), accepted.tolist()
+
+
 class AdaptiveDraftLength:
     """Running acceptance rate per draft position, and the number of drafts it is worth."""
 
@@ -56,11 +67,9 @@ class AdaptiveDraftLength:
 
     def record(self, num_drafts: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """One verification step: per request, drafts verified and drafts accepted."""
-        most_verified = int(num_drafts.max()) if num_drafts.numel() else 0
-        for position in range(min(most_verified, len(self.rates))):
-            verified = num_drafts > position
-            accepted = (num_accepted[verified] > position).float().mean().item()
+        verified, accepted = counts_by_position(num_drafts, num_accepted)
+        for position, (n, hits) in enumerate(zip(verified[: len(self.rates)], accepted)):
             # A running mean over the first steps, then an exponential average.
             self.counts[position] += 1
             weight = max(1 / self.counts[position], 1 - self.decay)
-            self.rates[position] += weight * (accepted - self.rates[position])
+            self.rates[position] += weight * (hits / n - self.rates[position])

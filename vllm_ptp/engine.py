@@ -68,6 +68,8 @@ def _speculation_stats(worker, reset: bool) -> dict[str, Any]:
         "acceptance_by_position": stats.acceptance_by_position,
         "drafter_pass_seconds": list(drafter_times),
         "verify_pass_seconds": list(verify_times),
+        # PTP's adaptive draft length threshold (VLLM_PTP_MIN_ACCEPTANCE) as the engine set it.
+        "min_acceptance": getattr(getattr(runner, "draft_length", None), "min_acceptance", None),
     }
     if reset:
         sampler.stats = VerificationStats()

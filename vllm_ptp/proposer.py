@@ -1,7 +1,7 @@
 """The vLLM proposer: k PTP drafts for every running request in one drafter pass.
 
-Per request the pass computes 1 + k rows: the newest token (at full depth with adapters off, so
-it is the target itself, and its next-token distribution gives the first draft) and k auxiliary
+Per request the pass computes 1 + k rows: the newest token, whose next-token distribution gives
+the first draft (at full depth with adapters off, so it is the target itself), and k auxiliary
 rows carrying u(seed, position) for the next k tokens (adapters on).
 Context K/V are read straight from the target's paged KV cache; nothing is written to it, so no
 extra KV slots are reserved and the next verification step sees the cache unchanged.
@@ -81,6 +81,13 @@ class PTPProposer:
         self.attention_layers: list[torch.nn.Module] = []
         self.num_failures = 0  # drafter passes that failed (logged on the first only)
         self.pass_times: list[float] = []  # seconds per drafter pass, read by benchmarks
+        # Shallow drafters: per request of the input batch, the target's final hidden state of
+        # the position before its newest token, set by the runner each step.
+        self.previous_hidden: torch.Tensor | None = None
+
+    @property
+    def needs_previous_hidden(self) -> bool:
+        return self.drafter is not None and self.drafter.token_row_fc is not None
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         from vllm_ptp.plugin import ptp_checkpoint_of
@@ -178,7 +185,11 @@ class PTPProposer:
         n, k = len(batch.batch_index), batch.k
         hidden_size = drafter.config.target.hidden_size
         inputs_embeds = torch.empty(n, k + 1, hidden_size, dtype=target.dtype)
-        inputs_embeds[:, 0] = target.embed_tokens(batch.last_token)
+        token_embeds = target.embed_tokens(batch.last_token)
+        if self.needs_previous_hidden:
+            previous = self.previous_hidden[torch.from_numpy(batch.batch_index)]
+            token_embeds = drafter.token_row(token_embeds, previous)
+        inputs_embeds[:, 0] = token_embeds
         ops.write_u_embeddings(
             inputs_embeds, 1, drafter.u_embedding, batch.seed, batch.position + 1, batch.greedy
         )
@@ -192,11 +203,11 @@ class PTPProposer:
         )
         logits = drafter.logits(drafter(query, context))
         drafts = logits[:, 1:].argmax(dim=-1)
-        if not drafter.adapts_token_row:
-            # At full depth the newest token's row is the target itself (adapters off), so its
-            # next-token distribution gives the first draft exactly as verification will draw
-            # it, F^-1(u) under the request's transform, up to the draft weights' rounding.
-            drafts[:, 0] = ops.sample(logits[:, 0], batch.next_token_sampling)
+        # The newest token's row drafts the first token as verification will draw it, F^-1(u)
+        # under the request's transform. At full depth that row is the target itself (adapters
+        # off), so the draft is exact up to the draft weights' rounding; a shallow drafter
+        # learns it.
+        drafts[:, 0] = ops.sample(logits[:, 0], batch.next_token_sampling)
         return drafts
 
 

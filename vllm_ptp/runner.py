@@ -61,6 +61,35 @@ class PTPRunnerMixin:
         self.input_batch.generators.clear()
         return result
 
+    def propose_draft_token_ids(
+        self,
+        scheduler_output,
+        sampled_token_ids,
+        sampling_metadata,
+        hidden_states,
+        sample_hidden_states,
+        aux_hidden_states,
+        spec_decode_metadata: SpecDecodeMetadata | None,
+        common_attn_metadata,
+        slot_mappings,
+    ):
+        """vLLM's, after handing a shallow drafter the target's hidden states it reads."""
+        if self.drafter.needs_previous_hidden:
+            self.drafter.previous_hidden = _hidden_of_newest_tokens(
+                sample_hidden_states, sampled_token_ids, spec_decode_metadata
+            )
+        return super().propose_draft_token_ids(
+            scheduler_output,
+            sampled_token_ids,
+            sampling_metadata,
+            hidden_states,
+            sample_hidden_states,
+            aux_hidden_states,
+            spec_decode_metadata,
+            common_attn_metadata,
+            slot_mappings,
+        )
+
     def _sample(self, logits, spec_decode_metadata: SpecDecodeMetadata | None):
         if logits is not None:
             self.sampler.pending_rows = self._sampling_rows(spec_decode_metadata)
@@ -88,6 +117,26 @@ class PTPRunnerMixin:
         seeds = torch.tensor([self.ptp_seed(req_id) for req_id in req_ids])[row_req]
 
         return SamplingRows.of_requests(params, ops.uniforms(seeds, positions), row_req)
+
+
+def _hidden_of_newest_tokens(
+    sample_hidden_states: torch.Tensor,
+    sampled_token_ids: list[list[int]],
+    spec_decode_metadata: SpecDecodeMetadata | None,
+) -> torch.Tensor:
+    """Per request, the final hidden state of the row that sampled its newest token: the
+    position right before that token. Rows come per request, one per draft plus the bonus row,
+    of which the row after the last accepted draft sampled the newest token. [requests, hidden]"""
+    num_drafts = (
+        spec_decode_metadata.num_draft_tokens
+        if spec_decode_metadata is not None
+        else [0] * len(sampled_token_ids)
+    )
+    rows_per_req = np.asarray(num_drafts, dtype=np.int64) + 1
+    first_row = np.cumsum(rows_per_req) - rows_per_req
+    # Requests without a new token (a partial prefill) get their last row; nobody reads it.
+    num_sampled = np.array([max(len(tokens), 1) for tokens in sampled_token_ids])
+    return sample_hidden_states[torch.from_numpy(first_row + num_sampled - 1)]
 
 
 class PTPCPUModelRunner(PTPRunnerMixin, CPUModelRunner):

@@ -15,7 +15,7 @@ from vllm.v1.sample.sampler import Sampler
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
 from vllm_ptp import ops, sampling
-from vllm_ptp.draft_length import AdaptiveDraftLength
+from vllm_ptp.draft_length import AdaptiveDraftLength, counts_by_position
 from vllm_ptp.sampling import SamplingRows
 
 
@@ -29,15 +29,14 @@ class VerificationStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
     def record(self, num_drafts: torch.Tensor, num_accepted: torch.Tensor) -> None:
-        drafted = num_drafts > 0
-        self.num_drafts += int(drafted.sum())
+        _, accepted = counts_by_position(num_drafts, num_accepted)
+        self.num_drafts += int((num_drafts > 0).sum())
         self.num_draft_tokens += int(num_drafts.sum())
         self.num_accepted_tokens += int(num_accepted.sum())
-        max_k = int(num_drafts.max()) if len(num_drafts) else 0
-        if len(self.accepted_per_position) < max_k:
-            self.accepted_per_position += [0] * (max_k - len(self.accepted_per_position))
-        for position in range(max_k):
-            self.accepted_per_position[position] += int((num_accepted > position).sum())
+        missing = len(accepted) - len(self.accepted_per_position)
+        self.accepted_per_position += [0] * max(missing, 0)
+        for position, hits in enumerate(accepted):
+            self.accepted_per_position[position] += hits
 
     @property
     def mean_accepted_length(self) -> float:

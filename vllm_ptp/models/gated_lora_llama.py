@@ -3,7 +3,9 @@ only at auxiliary positions, whose inputs are embeddings of the uniforms u.
 
 The drafter runs all of the target's layers (the paper's drafter) or only its top ones
 (`num_draft_layers`): a drafter a fraction of the target's cost whose rows enter at that depth
-and still attend to the context's K/V of those deep layers.
+and still attend to the context's K/V of those deep layers. Such a shallow drafter also reads
+the target's final hidden state of the position before the newest token (EAGLE's input), since
+the newest token's row skips the layers that would have told it about the context.
 
 One module serves training and vLLM: the caller supplies the context K/V (from a full target
 forward in training, from vLLM's paged KV cache at inference) and the query rows to compute,
@@ -182,6 +184,12 @@ class GatedLoraDrafter(nn.Module):
         self.u_embedding = UEmbedding(
             config.u_embedding, config.u_embedding_size, config.target.hidden_size
         )
+        hidden_size = config.target.hidden_size
+        # Shallow drafters: the newest token's row input from [its embedding, the target's
+        # final hidden state of the position before it].
+        self.token_row_fc = (
+            nn.Linear(2 * hidden_size, hidden_size, bias=False) if self.first_layer else None
+        )
         self.lora_shapes = lora_shapes(config)
         self.lora = nn.ModuleList(
             nn.ModuleDict(
@@ -201,6 +209,14 @@ class GatedLoraDrafter(nn.Module):
         so its K/V are the target's own; a shallower drafter feeds that token in below its
         depth, and the adapters learn to make up for the missing layers."""
         return self.first_layer > 0
+
+    def token_row(self, token_embeds: torch.Tensor, previous_hidden: torch.Tensor) -> torch.Tensor:
+        """Input of the newest token's row: its embedding at full depth; for a shallow drafter,
+        mixed with `previous_hidden`, the target's final (normed) hidden state of the position
+        before it, which vLLM's verification pass has just computed. Both [N, hidden]."""
+        if self.token_row_fc is None:
+            return token_embeds
+        return self.token_row_fc(torch.cat((token_embeds, previous_hidden.to(token_embeds)), -1))
 
     @property
     def layer_indices(self) -> range:
