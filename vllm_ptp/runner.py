@@ -102,14 +102,9 @@ class PTPRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         params = [self.requests[req_id].sampling_params for req_id in req_ids]
-        num_drafts = np.asarray(
-            spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * num_reqs,
-            dtype=np.int64,
-        )
-        rows_per_req = torch.from_numpy(num_drafts + 1)
-        row_req = torch.repeat_interleave(torch.arange(num_reqs), rows_per_req)
-        first_row = torch.cumsum(rows_per_req, 0) - rows_per_req
-        row_offset = torch.arange(len(row_req)) - first_row[row_req]
+        num_drafts, first_row = _logits_rows(spec_decode_metadata, num_reqs)
+        row_req = torch.repeat_interleave(torch.arange(num_reqs), torch.from_numpy(num_drafts + 1))
+        row_offset = torch.arange(len(row_req)) - torch.from_numpy(first_row)[row_req]
         # The token a row samples sits at index seq_len - num_drafts + offset, where seq_len
         # counts the tokens this step computes (drafts included).
         seq_lens = self.optimistic_seq_lens_cpu[:num_reqs].long()
@@ -119,21 +114,27 @@ class PTPRunnerMixin:
         return SamplingRows.of_requests(params, ops.uniforms(seeds, positions), row_req)
 
 
+def _logits_rows(
+    spec_decode_metadata: SpecDecodeMetadata | None, num_reqs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, its drafts this step and the index of its first logits row. Rows come per
+    request: one per draft, then the bonus row (just one row without drafts)."""
+    num_drafts = np.asarray(
+        spec_decode_metadata.num_draft_tokens if spec_decode_metadata else [0] * num_reqs,
+        dtype=np.int64,
+    )
+    return num_drafts, np.cumsum(num_drafts + 1) - (num_drafts + 1)
+
+
 def _hidden_of_newest_tokens(
     sample_hidden_states: torch.Tensor,
     sampled_token_ids: list[list[int]],
     spec_decode_metadata: SpecDecodeMetadata | None,
 ) -> torch.Tensor:
-    """Per request, the final hidden state of the row that sampled its newest token: the
-    position right before that token. Rows come per request, one per draft plus the bonus row,
-    of which the row after the last accepted draft sampled the newest token. [requests, hidden]"""
-    num_drafts = (
-        spec_decode_metadata.num_draft_tokens
-        if spec_decode_metadata is not None
-        else [0] * len(sampled_token_ids)
-    )
-    rows_per_req = np.asarray(num_drafts, dtype=np.int64) + 1
-    first_row = np.cumsum(rows_per_req) - rows_per_req
+    """Per request, the final hidden state of the row that sampled its newest token (the row
+    after its last accepted draft), which is that of the position right before the token.
+    [requests, hidden]"""
+    _, first_row = _logits_rows(spec_decode_metadata, len(sampled_token_ids))
     # Requests without a new token (a partial prefill) get their last row; nobody reads it.
     num_sampled = np.array([max(len(tokens), 1) for tokens in sampled_token_ids])
     return sample_hidden_states[torch.from_numpy(first_row + num_sampled - 1)]
