@@ -6,8 +6,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_ptp.checkpoint import init_checkpoint, load_checkpoint
 from vllm_ptp.config import TargetIdentity
-from vllm_ptp.models.gated_lora_llama import DraftQuery, draft_query
-from vllm_ptp.models.quantized import _recover_weight, int8_view
+from vllm_ptp.models.gated_lora_llama import (
+    PROJECTION_GROUPS,
+    AdaptedProjection,
+    DraftQuery,
+    GroupAdapter,
+    adapted_projection,
+    draft_query,
+)
+from vllm_ptp.models.quantized import Int8LoraLinear, _recover_weight, int8_view
 from vllm_ptp.models.target import from_hf_llama
 
 
@@ -130,11 +137,46 @@ def test_int8_draft_weights_stay_close_to_the_target(drafter, hf_target, target_
     text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built "
             "in 1889 for the World's Fair, and for its museums such as the Louvre.")
     ids = AutoTokenizer.from_pretrained(target_dir)(text, return_tensors="pt").input_ids
-    gate = torch.zeros(1, ids.shape[1] - 4, dtype=torch.bool)  # adapters off: the target itself
-    exact = run_rows(drafter, hf_target, ids, 4, gate)
+    rows = 9  # a drafter pass's rows at k=8, over cached context
+    gate = torch.zeros(1, rows, dtype=torch.bool)  # adapters off: the target itself
+
+    def passes():
+        return torch.cat([
+            run_rows(drafter, hf_target, ids[:, : start + rows], start, gate)
+            for start in range(4, ids.shape[1] - rows + 1, rows)
+        ])
+
+    exact = passes()
     layers = drafter.layer_indices
     drafter.bind_target(int8_view(target, config.hidden_size, config.intermediate_size, layers))
-    approximate = run_rows(drafter, hf_target, ids, 4, gate)
+    approximate = passes()
     top5 = approximate.topk(5, dim=-1).indices
     assert (top5 == exact.argmax(-1, keepdim=True)).any(-1).all()
     assert (approximate.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.8
+
+
+def test_int8_adapters_fused_into_the_base_gemm_match_the_separate_update(drafter, hf_target):
+    """Serving int8 weights, each group's A is stacked under W in one GEMM: rows with the gate
+    off are the int8 projection itself, gated rows add the same low-rank update as the
+    separate path up to int8 rounding of A."""
+    config = hf_target.config
+    view = int8_view(drafter.target, config.hidden_size, config.intermediate_size, range(1))
+    adapters = drafter.lora[0]
+    with torch.no_grad():
+        for adapter in adapters.values():
+            adapter.lora_B.normal_(std=0.05)
+    gate = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])[:, None]
+    for field, names in PROJECTION_GROUPS.values():
+        base = getattr(view.layers[0], field)
+        adapter = GroupAdapter.of(adapters, drafter.lora_shapes, names)
+        fused = adapted_projection(base, adapter, drafter.scaling)
+        assert isinstance(fused, Int8LoraLinear)
+        x = torch.randn(len(gate), adapter.lora_A.shape[1])
+        with torch.no_grad():
+            out, plain = fused(x, gate), base(x)
+            separate = AdaptedProjection(base, adapter, drafter.scaling)(x, gate)
+        off = gate[:, 0] == 0
+        torch.testing.assert_close(out[off], plain[off], rtol=1e-6, atol=1e-6)
+        update = (separate - plain)[~off]
+        assert update.norm() > 0
+        assert (out[~off] - separate[~off]).norm() < 0.05 * update.norm()

@@ -96,11 +96,11 @@ class PTPProposer:
         checkpoint = ptp_checkpoint_of(self.speculative_config)
         drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
         self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
-        self.drafter.prepare_for_serving()
         draft_weights = draft_weights_setting(self.device)
         self.drafter.bind_target(
             _draft_target(target_model, hf_config, draft_weights, self.drafter.layer_indices)
         )
+        self.drafter.prepare_for_serving()
         self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]
         logger.info(
             "PTP drafter loaded from %s (k=%d, %s weights)", checkpoint, self.k, draft_weights

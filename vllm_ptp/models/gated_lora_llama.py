@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_ptp.config import PTPConfig
-from vllm_ptp.models.target import TargetLayer, TargetView
+from vllm_ptp.models.quantized import Int8Linear
+from vllm_ptp.models.target import Projection, TargetLayer, TargetView
 
 # layer index -> (keys, values), each [sequences, kv_heads, context_len, head_dim], after RoPE.
 ContextKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+# (x, gate) -> a projection group's fused output with the gated adapters added.
+GatedProjection = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -101,49 +104,64 @@ class LoraAdapter(nn.Module):
 
 
 # Projections that share an input, in the order the target computes them as one fused GEMM
-# (vLLM's qkv_proj and gate_up_proj). Their adapters act on that fused output together.
+# (vLLM's qkv_proj and gate_up_proj), with the TargetLayer field that computes them. Their
+# adapters act on that fused output together.
 PROJECTION_GROUPS = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
+    "qkv": ("qkv", ("q_proj", "k_proj", "v_proj")),
+    "o": ("o_proj", ("o_proj",)),
+    "gate_up": ("gate_up", ("gate_proj", "up_proj")),
+    "down": ("down_proj", ("down_proj",)),
 }
 
 
 @dataclass
 class GroupAdapter:
-    """The adapters of one projection group: their A's stacked [P * r, in], so the group's
-    low-rank input is one GEMM, and each B with the columns of the fused output it adds to.
-    At a drafter pass's few rows, calls cost more than FLOPs."""
+    """The adapters of one projection group as one low-rank update of the fused output: their
+    A's stacked [P * r, in] and their B's block-diagonal [out, P * r], with zero rows for the
+    projections that have none. At a drafter pass's few rows, calls cost more than FLOPs."""
 
     lora_A: torch.Tensor
-    lora_B: list[tuple[slice, slice, torch.Tensor]]  # (output columns, rank columns, B)
+    lora_B: torch.Tensor
 
     @classmethod
     def of(
         cls, adapters: nn.ModuleDict, shapes: dict[str, tuple[int, int]], names: Iterable[str]
     ) -> "GroupAdapter | None":
-        a_blocks, b_blocks, column = [], [], 0
-        for name in names:
-            columns = slice(column, column + shapes[name][1])
-            column = columns.stop
-            if name in adapters:
-                adapter = adapters[name]
-                rank = len(adapter.lora_A)
-                rank_columns = slice(rank * len(a_blocks), rank * (len(a_blocks) + 1))
-                a_blocks.append(adapter.lora_A)
-                b_blocks.append((columns, rank_columns, adapter.lora_B))
-        return cls(torch.cat(a_blocks), b_blocks) if a_blocks else None
+        present = [adapters[name] for name in names if name in adapters]
+        if not present:
+            return None
+        empty = present[0].lora_B.new_zeros
+        b_blocks = [
+            adapters[name].lora_B if name in adapters else empty(shapes[name][1], 0)
+            for name in names
+        ]
+        return cls(torch.cat([a.lora_A for a in present]), torch.block_diag(*b_blocks))
 
-    def add_to(
-        self, base: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
-        """base + scaling * ((x A^T) * gate) B^T, in place, projection by projection; the 0/1
-        row gate is applied at rank (same result, fewer elements)."""
-        low = F.linear(x, self.lora_A) * gate
-        for columns, rank_columns, lora_B in self.lora_B:
-            base[:, columns].addmm_(low[:, rank_columns], lora_B.T, alpha=scaling)
-        return base
+
+class AdaptedProjection:
+    """A target projection plus its group's gated adapters:
+    base(x) + scaling * ((x A^T) * gate) B^T, the 0/1 row gate applied at rank (same result,
+    fewer elements)."""
+
+    def __init__(self, base: Projection, adapter: GroupAdapter | None, scaling: float):
+        self.base, self.adapter, self.scaling = base, adapter, scaling
+
+    def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.adapter is None:
+            return out
+        low = F.linear(x, self.adapter.lora_A) * gate
+        return torch.addmm(out, low, self.adapter.lora_B.T, alpha=self.scaling)
+
+
+def adapted_projection(
+    base: Projection, adapter: GroupAdapter | None, scaling: float
+) -> GatedProjection:
+    """`AdaptedProjection`, or for int8 draft weights the same map with A fused into the base
+    GEMM (serving only: the fused copy is no longer a view of the trainable parameters)."""
+    if adapter is not None and isinstance(base, Int8Linear):
+        return base.fused_with(adapter.lora_A, adapter.lora_B * scaling)
+    return AdaptedProjection(base, adapter, scaling)
 
 
 def lora_shapes(config: PTPConfig) -> dict[str, tuple[int, int]]:
@@ -201,7 +219,7 @@ class GatedLoraDrafter(nn.Module):
             for _ in range(self.first_layer, config.target.num_hidden_layers)
         )
         self.target: TargetView | None = None
-        self.served_adapters: list[dict[str, GroupAdapter]] | None = None
+        self.served_projections: list[dict[str, GatedProjection]] | None = None
 
     @property
     def adapts_token_row(self) -> bool:
@@ -225,13 +243,17 @@ class GatedLoraDrafter(nn.Module):
 
     def bind_target(self, target: TargetView) -> None:
         self.target = target
+        self.served_projections = None
 
     def prepare_for_serving(self) -> None:
-        """Group every layer's adapters once, for a drafter that will not be trained again.
-        Training groups them in each forward instead, so gradients reach every projection's own
-        A and B (the checkpoint's parameters)."""
+        """Join every layer's adapters to the bound target's projections once, for a drafter
+        that will not be trained again. Training joins them in each forward instead, so
+        gradients reach every projection's own A and B (the checkpoint's parameters)."""
         with torch.no_grad():
-            self.served_adapters = [self._group_adapters(layer) for layer in self.lora]
+            self.served_projections = [
+                self._projections(index, adapters)
+                for index, adapters in zip(self.layer_indices, self.lora)
+            ]
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.named_parameters()}
@@ -244,11 +266,19 @@ class GatedLoraDrafter(nn.Module):
         cos, signed_sin = self._rope(query.positions, hidden.dtype)
         gate = query.lora_gate.reshape(-1, 1).to(hidden.dtype)
         mask = torch.cat((query.context_mask, query.self_mask), dim=-1).unsqueeze(1)
-        adapters = self.served_adapters or map(self._group_adapters, self.lora)
-        for index, layer_adapters in zip(self.layer_indices, adapters):
-            weights = target.layers[index]
+        projections = self.served_projections or map(
+            self._projections, self.layer_indices, self.lora
+        )
+        for index, layer_projections in zip(self.layer_indices, projections):
             hidden = self._layer(
-                hidden, weights, layer_adapters, gate, cos, signed_sin, mask, context(index)
+                hidden,
+                target.layers[index],
+                layer_projections,
+                gate,
+                cos,
+                signed_sin,
+                mask,
+                context(index),
             )
         return _rms_norm(hidden, target.final_norm, target.rms_norm_eps)
 
@@ -256,12 +286,17 @@ class GatedLoraDrafter(nn.Module):
         assert self.target is not None
         return self.target.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
 
-    def _group_adapters(self, adapters: nn.ModuleDict) -> dict[str, GroupAdapter]:
-        groups = {
-            group: GroupAdapter.of(adapters, self.lora_shapes, names)
-            for group, names in PROJECTION_GROUPS.items()
+    def _projections(self, index: int, adapters: nn.ModuleDict) -> dict[str, GatedProjection]:
+        """Layer `index`'s projection groups, each with its adapters."""
+        weights = self.target.layers[index]
+        return {
+            group: adapted_projection(
+                getattr(weights, field),
+                GroupAdapter.of(adapters, self.lora_shapes, names),
+                self.scaling,
+            )
+            for group, (field, names) in PROJECTION_GROUPS.items()
         }
-        return {group: adapter for group, adapter in groups.items() if adapter is not None}
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos and signed sin (see `_apply_rope`) of every row: [N, Q, 1, head_dim] each."""
@@ -278,7 +313,7 @@ class GatedLoraDrafter(nn.Module):
         self,
         hidden: torch.Tensor,
         w: TargetLayer,
-        adapters: dict[str, GroupAdapter],
+        project: dict[str, GatedProjection],
         gate: torch.Tensor,
         cos: torch.Tensor,
         signed_sin: torch.Tensor,
@@ -286,17 +321,13 @@ class GatedLoraDrafter(nn.Module):
         context_kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """One target layer over the query rows: the target's projection of each fused group
-        plus its gated adapters (zero at non-auxiliary rows)."""
+        plus its gated adapters (zero at non-auxiliary rows); w gives the norms."""
         target = self.target
         n, q_len, hidden_size = hidden.shape
         heads, kv_heads = target.num_heads, target.num_kv_heads
 
-        def adapt(base: torch.Tensor, x: torch.Tensor, group: str) -> torch.Tensor:
-            adapter = adapters.get(group)
-            return base if adapter is None else adapter.add_to(base, x, gate, self.scaling)
-
         x = _rms_norm(hidden, w.input_norm, target.rms_norm_eps).view(n * q_len, hidden_size)
-        qkv = adapt(w.qkv(x), x, "qkv").view(n, q_len, heads + 2 * kv_heads, target.head_dim)
+        qkv = project["qkv"](x, gate).view(n, q_len, heads + 2 * kv_heads, target.head_dim)
         qk = _apply_rope(qkv[:, :, : heads + kv_heads], cos, signed_sin).transpose(1, 2)
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         context_k, context_v = context_kv
@@ -306,10 +337,10 @@ class GatedLoraDrafter(nn.Module):
             qk[:, :heads], keys, values, attn_mask=mask, enable_gqa=True
         )
         attn = attn.transpose(1, 2).reshape(n * q_len, -1)
-        hidden = hidden + adapt(w.o_proj(attn), attn, "o").view(n, q_len, hidden_size)
+        hidden = hidden + project["o"](attn, gate).view(n, q_len, hidden_size)
 
         x = _rms_norm(hidden, w.post_norm, target.rms_norm_eps).view(n * q_len, hidden_size)
-        gate_proj, up_proj = adapt(w.gate_up(x), x, "gate_up").chunk(2, dim=-1)
+        gate_proj, up_proj = project["gate_up"](x, gate).chunk(2, dim=-1)
         mlp = F.silu(gate_proj) * up_proj
-        down = adapt(w.down_proj(mlp), mlp, "down")
+        down = project["down"](mlp, gate)
         return hidden + down.view(n, q_len, hidden_size)
