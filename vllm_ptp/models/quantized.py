@@ -59,7 +59,7 @@ class Int8LoraLinear:
     def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = self.stacked(x)
         base, low = out[:, : self.out_features], out[:, self.out_features :]
-        return torch.addmm(base, low * gate, self.lora_B_t.to(out.dtype))
+        return torch.addmm(base, low * gate, self.lora_B_t)
 
 
 class Bf16Linear:
