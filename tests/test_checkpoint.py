@@ -94,6 +94,17 @@ def test_refuses_impossible_number_of_draft_layers(checkpoint, target, layers):
         load_checkpoint(checkpoint, target)
 
 
+@pytest.mark.parametrize(
+    "setting,message",
+    [({"dependency_head": 0}, "dependency_head=0 must be a positive width"),
+     ({"dependency_candidates": 0}, r"dependency_candidates=0 must be within 1..49152")],
+)
+def test_refuses_impossible_dependency_head(checkpoint, target, setting, message):
+    edit_config(checkpoint, lambda d: d["ptp_config"].update(setting))
+    with pytest.raises(PTPCheckpointError, match=message):
+        load_checkpoint(checkpoint, target)
+
+
 @pytest.mark.parametrize("k", [0, 17])
 def test_refuses_impossible_k(checkpoint, target, k):
     with pytest.raises(PTPCheckpointError, match=f"num_speculative_tokens={k}.*1..16"):

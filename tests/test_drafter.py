@@ -119,6 +119,34 @@ def test_shallow_drafter_reads_its_top_layers_and_the_previous_hidden_state(
         assert not torch.allclose(logits, draft(torch.zeros_like(out.hidden_states[-1][:, -1])))
 
 
+def test_dependency_head_drafts_are_its_training_logits_argmax_among_candidates(
+    hf_target, target_dir, tmp_path
+):
+    config = TargetIdentity.from_hf_config(hf_target.config)
+    path = init_checkpoint(target_dir, tmp_path / "c", dependency_head=32, dependency_candidates=8)
+    drafter = load_checkpoint(path, config).eval()
+    drafter.bind_target(from_hf_llama(hf_target))
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 6, config.hidden_size)
+    first = torch.randint(config.vocab_size, (3,))
+    with torch.no_grad():
+        logits = drafter.logits(hidden)
+        plain = logits[:, 2:].argmax(dim=-1)
+        # A new head (zero output) changes no draft.
+        assert torch.equal(drafter.later_drafts(hidden, logits, first), plain)
+        drafter.dependency_head.out.weight.normal_(std=0.2)
+        drafts = drafter.later_drafts(hidden, logits, first)
+        # Serving re-ranks each row's top candidates, knowing the draft before it; training
+        # scores the whole vocabulary given the true previous token. Fed the served drafts as
+        # previous tokens, training's scores pick the same drafts among the same candidates.
+        previous = torch.cat((first[:, None], drafts[:, :-1]), dim=1)
+        dependent = drafter.dependent_logits(hidden, logits, previous)
+        candidates = logits[:, 2:].topk(8, dim=-1).indices
+        best = dependent.gather(-1, candidates).argmax(dim=-1, keepdim=True)
+    assert torch.equal(drafts, candidates.gather(-1, best)[..., 0])
+    assert not torch.equal(drafts, plain)
+
+
 def test_u_embedding_interpolates_between_learned_vectors(drafter):
     embedding = drafter.u_embedding
     vectors = embedding.weight

@@ -106,6 +106,19 @@ def test_init_from_takes_a_checkpoints_weights_and_refuses_another_shape(
         init_from_checkpoint(other, str(untrained_checkpoint), model)
 
 
+def test_head_only_training_adds_a_dependency_head_and_keeps_the_drafter(
+    model, sequences, untrained_checkpoint, tmp_path
+):
+    cfg = TrainConfig(steps=2, dependency_head=16, head_only=True,
+                      init_from=str(untrained_checkpoint), **TINY)
+    train(model, "t", sequences, sequences, tmp_path / "h", cfg)
+    target = TargetIdentity.from_hf_config(model.config)
+    trained = load_checkpoint(tmp_path / "h", target).state_dict()
+    source = load_checkpoint(untrained_checkpoint, target).state_dict()
+    assert all(torch.equal(trained[name], t) for name, t in source.items())
+    assert trained["dependency_head.out.weight"].abs().sum() > 0  # starts at zero
+
+
 def test_short_training_raises_teacher_forced_accepted_length(model, sequences, tmp_path):
     cfg = TrainConfig(steps=40, **{**TINY, "windows": 8, "val_every": 40})
     history = train(model, "t", sequences, sequences, tmp_path / "c", cfg)

@@ -96,7 +96,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         steps=args.steps, k=args.k, windows=args.windows, lr=args.lr, grad_accum=args.grad_accum,
         lora_rank=args.lora_rank, draft_layers=args.draft_layers, u_embedding=args.u_embedding,
         dtype=args.dtype, max_len=args.max_len, seed=args.seed, stop_at=args.stop_at,
-        init_from=args.init_from,
+        init_from=args.init_from, dependency_head=args.dependency_head,
+        dependency_candidates=args.dependency_candidates, head_only=args.head_only,
     )
     target, model, tokenizer = _load_target(args.target)
     train_seqs, val_seqs = _sequences(args, tokenizer, cfg.max_len)
@@ -269,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, help="end this run at that step; rerun to resume")
     p.add_argument("--init-from", help="start from this PTP checkpoint's weights (e.g. to "
                    "continue training on more data)")
+    p.add_argument("--dependency-head", type=int, metavar="WIDTH",
+                   help="add a dependency head of this width: later drafts re-ranked knowing "
+                   "the draft before each")
+    p.add_argument("--dependency-candidates", type=int, default=8,
+                   help="tokens per draft the dependency head re-ranks")
+    p.add_argument("--head-only", action="store_true",
+                   help="train only the dependency head (with --init-from a trained drafter)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="teacher-forced accepted length, without vLLM")

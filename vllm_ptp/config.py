@@ -68,6 +68,10 @@ class PTPConfig:
     # paper's drafter). Fewer layers make a cheaper drafter that still reads the context's
     # K/V of those (deep) layers from the target's KV cache.
     num_draft_layers: int | None = None
+    # Width of the dependency head's hidden layer (None: no head). The head re-ranks each
+    # later draft's `dependency_candidates` most likely tokens knowing the draft before it.
+    dependency_head: int | None = None
+    dependency_candidates: int = 8
     # The sampling transform the drafter was trained under (None: untrained).
     training_sampling: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -139,6 +143,16 @@ class PTPConfig:
             raise PTPCheckpointError(
                 f"{where}: num_draft_layers={self.num_draft_layers} must be within 1..{layers} "
                 "(the target's layers) or null for all of them."
+            )
+        if self.dependency_head is not None and self.dependency_head < 1:
+            raise PTPCheckpointError(
+                f"{where}: dependency_head={self.dependency_head} must be a positive width or "
+                "null (no head)."
+            )
+        if not 1 <= self.dependency_candidates <= self.target.vocab_size:
+            raise PTPCheckpointError(
+                f"{where}: dependency_candidates={self.dependency_candidates} must be within "
+                f"1..{self.target.vocab_size} (the vocabulary)."
             )
         if not 1 <= self.default_k <= self.max_k:
             raise PTPCheckpointError(

@@ -201,14 +201,14 @@ class PTPProposer:
             batch.batch_index,
             context_len,
         )
-        logits = drafter.logits(drafter(query, context))
-        drafts = logits[:, 1:].argmax(dim=-1)
+        hidden = drafter(query, context)
+        logits = drafter.logits(hidden)
         # The newest token's row drafts the first token as verification will draw it, F^-1(u)
         # under the request's transform. At full depth that row is the target itself (adapters
         # off), so the draft is exact up to the draft weights' rounding; a shallow drafter
         # learns it.
-        drafts[:, 0] = ops.sample(logits[:, 0], batch.next_token_sampling)
-        return drafts
+        first = ops.sample(logits[:, 0], batch.next_token_sampling)
+        return torch.cat((first[:, None], drafter.later_drafts(hidden, logits, first)), dim=1)
 
 
 def _k_by_batch_size(vllm_config: VllmConfig) -> list[int] | None:

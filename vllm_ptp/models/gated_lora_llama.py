@@ -96,6 +96,24 @@ class UEmbedding(nn.Module):
         return torch.where((u < 0).unsqueeze(-1), self.greedy, sampled)
 
 
+class DependencyHead(nn.Module):
+    """Makes each later draft depend on the token drafted just before it, which the auxiliary
+    rows only infer inside the pass. It adds e(c) . d to the logit of candidate c, where e is
+    the target's input embedding and d = out(silu(fc_hidden(h) + fc_previous(e(previous)))),
+    h the row's final hidden state. Its output starts at zero: a new head changes no draft."""
+
+    def __init__(self, hidden_size: int, width: int):
+        super().__init__()
+        self.fc_hidden = nn.Linear(hidden_size, width)
+        self.fc_previous = nn.Linear(hidden_size, width, bias=False)
+        self.out = nn.Linear(width, hidden_size, bias=False)
+        nn.init.zeros_(self.out.weight)
+
+    def direction(self, hidden_part: torch.Tensor, previous_embeds: torch.Tensor) -> torch.Tensor:
+        """d for rows whose fc_hidden(h) is `hidden_part`, given e(previous draft)."""
+        return self.out(F.silu(hidden_part + self.fc_previous(previous_embeds)))
+
+
 class LoraAdapter(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
@@ -208,6 +226,9 @@ class GatedLoraDrafter(nn.Module):
         self.token_row_fc = (
             nn.Linear(2 * hidden_size, hidden_size, bias=False) if self.first_layer else None
         )
+        self.dependency_head = (
+            DependencyHead(hidden_size, config.dependency_head) if config.dependency_head else None
+        )
         self.lora_shapes = lora_shapes(config)
         self.lora = nn.ModuleList(
             nn.ModuleDict(
@@ -285,6 +306,39 @@ class GatedLoraDrafter(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.target is not None
         return self.target.lm_head(hidden.flatten(0, -2)).view(*hidden.shape[:-1], -1)
+
+    def later_drafts(
+        self, hidden: torch.Tensor, logits: torch.Tensor, first: torch.Tensor
+    ) -> torch.Tensor:
+        """Drafts 2..k of a pass from auxiliary rows 2..k: [N, k - 1]. hidden and logits are the
+        pass's [N, 1 + k, ...]; first [N] is the first draft. Without a dependency head each
+        row's argmax; with one, row by row, the row's top candidates re-ranked knowing the
+        draft before it (a few small ops per row: the candidates' logits are already there)."""
+        rows = logits[:, 2:]
+        head = self.dependency_head
+        if head is None or rows.shape[1] == 0:
+            return rows.argmax(dim=-1)
+        scores, candidates = rows.topk(self.config.dependency_candidates, dim=-1)
+        candidate_embeds = self.target.embed_tokens(candidates).to(hidden.dtype)  # [N, k-1, C, h]
+        hidden_part = head.fc_hidden(hidden[:, 2:])
+        drafts, previous = [], first
+        for row in range(rows.shape[1]):
+            previous_embeds = self.target.embed_tokens(previous).to(hidden.dtype)
+            direction = head.direction(hidden_part[:, row], previous_embeds)
+            corrected = scores[:, row] + (candidate_embeds[:, row] @ direction[:, :, None])[..., 0]
+            previous = candidates[:, row].gather(1, corrected.argmax(-1, keepdim=True))[:, 0]
+            drafts.append(previous)
+        return torch.stack(drafts, dim=1)
+
+    def dependent_logits(
+        self, hidden: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor
+    ) -> torch.Tensor:
+        """Training: logits of auxiliary rows 2..k over the whole vocabulary with the dependency
+        head's correction, given the true previous tokens [N, k - 1]: [N, k - 1, vocab]."""
+        head = self.dependency_head
+        embeddings = self.target.embed_tokens.weight
+        direction = head.direction(head.fc_hidden(hidden[:, 2:]), embeddings[previous])
+        return logits[:, 2:] + direction @ embeddings.T
 
     def _projections(self, index: int, adapters: nn.ModuleDict) -> dict[str, GatedProjection]:
         """Layer `index`'s projection groups, each with its adapters."""

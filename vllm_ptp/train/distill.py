@@ -59,6 +59,9 @@ class TrainConfig:
     dtype: str = "float32"
     stop_at: int | None = None  # end this run early at that step (resume later to continue)
     init_from: str | None = None  # start from this checkpoint's weights (same drafter shape)
+    dependency_head: int | None = None  # width of the dependency head (None: no head)
+    dependency_candidates: int = 8
+    head_only: bool = False  # train only the dependency head; the rest stays as init_from left it
 
 
 @dataclass
@@ -94,12 +97,13 @@ def make_windows(
     return WindowBatch(ids, starts, labels, draw_inside(left, right, z).view(labels.shape))
 
 
-def drafter_logits(
+def drafter_pass(
     drafter: GatedLoraDrafter, teacher: "TeacherPass", batch: WindowBatch
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """All windows in one pass, laid out as vLLM's proposer lays out requests (`draft_query`):
     window w is a sequence whose newest token is x_{s_w - 1}, with the context before it.
-    Returns [W, 1 + k, vocab]: the newest token's row, then the k auxiliary rows."""
+    Returns the final hidden states and logits of the rows, [W, 1 + k, hidden / vocab]: the
+    newest token's row, then the k auxiliary rows."""
     target = drafter.target
     context_len = teacher.cache.layers[0].keys.shape[2]
     position = batch.starts - 1
@@ -114,27 +118,41 @@ def drafter_logits(
         kv = teacher.cache.layers[layer]
         return kv.keys.expand(windows, -1, -1, -1), kv.values.expand(windows, -1, -1, -1)
 
-    return drafter.logits(drafter(query, context))
+    hidden = drafter(query, context)
+    return hidden, drafter.logits(hidden)
 
 
-def draft_loss(drafter: GatedLoraDrafter, logits: torch.Tensor, labels: torch.Tensor):
+def draft_loss(
+    drafter: GatedLoraDrafter, hidden: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of the rows the drafter trains: auxiliary row j learns x_{s+j}, and a
     shallow drafter's newest-token row learns x_s, the first draft it serves (at full depth
-    that row is the target itself)."""
+    that row is the target itself). A dependency head learns rows 2..k given the true token
+    before each (teacher forcing: while drafts are accepted, they are those tokens)."""
     rows, targets = logits[:, 1:], labels
     if drafter.adapts_token_row:
         rows = torch.cat((logits[:, :1], rows), dim=1)
         targets = torch.cat((labels[:, :1], labels), dim=1)
-    return F.cross_entropy(rows.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    loss = F.cross_entropy(rows.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    if drafter.dependency_head is not None:
+        # A previous token past the sequence end has an ignored label after it.
+        dependent = drafter.dependent_logits(hidden, logits, labels[:, :-1].clamp(min=0))
+        loss = loss + F.cross_entropy(
+            dependent.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
+        )
+    return loss
 
 
-def served_drafts(seq: Sequence, logits: torch.Tensor, batch: WindowBatch) -> torch.Tensor:
+def served_drafts(
+    drafter: GatedLoraDrafter, seq: Sequence, hidden: torch.Tensor, logits: torch.Tensor,
+    batch: WindowBatch,
+) -> torch.Tensor:
     """The k drafts per window as vLLM's proposer makes them (`PTPProposer._draft_tokens`):
-    the first is F^-1(u) under the newest token's row, the others the argmax of auxiliary rows
-    1..k-1. logits: [W, 1 + k, vocab] from `drafter_logits`."""
+    the first is F^-1(u) under the newest token's row, the others `later_drafts` of the
+    auxiliary rows. hidden, logits: from `drafter_pass`."""
     u = batch.u[:, 0].clamp(min=0.0)  # greedy rows (GREEDY_U) take the argmax anyway
     first = sample(logits[:, 0].float(), _transform_rows(seq, u))
-    return torch.cat((first[:, None], logits[:, 2:].argmax(dim=-1)), dim=1)
+    return torch.cat((first[:, None], drafter.later_drafts(hidden, logits, first)), dim=1)
 
 
 def accepted_lengths(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,7 +197,8 @@ def evaluate(
             gen = step_generator(seed, i)
             teacher = teacher_pass(model, seq)
             batch = make_windows(seq, teacher.logits, windows, k, gen, beta=0.0)
-            predicted = served_drafts(seq, drafter_logits(drafter, teacher, batch), batch)
+            hidden, logits = drafter_pass(drafter, teacher, batch)
+            predicted = served_drafts(drafter, seq, hidden, logits, batch)
             kind = "greedy" if seq.temperature < GREEDY_TEMPERATURE else "sampled"
             lengths[kind].append(accepted_lengths(predicted, batch.labels).float())
             correct = (predicted == batch.labels) & (batch.labels != IGNORE)
@@ -217,6 +236,8 @@ def new_ptp_config(target_model, target_name: str, cfg: TrainConfig) -> PTPConfi
         max_k=max(16, cfg.k),
         default_k=cfg.k,
         num_draft_layers=cfg.draft_layers,
+        dependency_head=cfg.dependency_head,
+        dependency_candidates=cfg.dependency_candidates,
     )
 
 
@@ -250,15 +271,18 @@ def _init_inputs(drafter: GatedLoraDrafter, model, sequences: list[Sequence]) ->
 
 
 def init_from_checkpoint(drafter: GatedLoraDrafter, path: str, model) -> None:
-    """Continue training a checkpoint (e.g. on more data): its weights, fresh optimizer."""
+    """Continue training a checkpoint (e.g. on more data): its weights, fresh optimizer. A
+    dependency head the checkpoint lacks starts fresh (as no head)."""
     source = load_checkpoint(path, TargetIdentity.from_hf_config(model.config))
     mine, theirs = drafter.expected_weight_shapes(), source.expected_weight_shapes()
-    if mine != theirs:
+    new_head = {name for name in mine if name.startswith("dependency_head.")} - set(theirs)
+    if {name: shape for name, shape in mine.items() if name not in new_head} != theirs:
         raise PTPCheckpointError(
             f"--init-from {path}: its drafter has other weights than this run's (LoRA rank, "
-            "modules, u-embedding or depth differ). Pass the same settings it was trained with."
+            "modules, u-embedding, depth or dependency head differ). Pass the same settings it "
+            "was trained with."
         )
-    drafter.load_state_dict(source.state_dict())
+    drafter.load_state_dict(source.state_dict(), strict=not new_head)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -289,7 +313,10 @@ def train(
         init_from_checkpoint(drafter, cfg.init_from, model)
     else:
         _init_inputs(drafter, model, train_sequences[:INIT_SEQUENCES])
-    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.head_only and drafter.dependency_head is None:
+        raise ValueError("head_only needs a dependency head (--dependency-head WIDTH)")
+    trained = drafter.dependency_head if cfg.head_only else drafter
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
     history = {"config": asdict(cfg), "steps": [], "validation": []}
     state_path = out_dir / STATE_FILE
@@ -314,14 +341,16 @@ def train(
             seq = train_sequences[int(torch.randint(len(train_sequences), (1,), generator=gen))]
             teacher = teacher_pass(model, seq)
             batch = make_windows(seq, teacher.logits, cfg.windows, cfg.k, gen, cfg.z_beta)
-            with autocast:
-                draft = drafter_logits(drafter, teacher, batch)
-            loss = draft_loss(drafter, draft, batch.labels)
+            # Head-only: the pass itself needs no gradients (the head runs after it).
+            with autocast, torch.set_grad_enabled(not cfg.head_only):
+                hidden, logits = drafter_pass(drafter, teacher, batch)
+            loss = draft_loss(drafter, hidden, logits, batch.labels)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
-            drafts = served_drafts(seq, draft.detach(), batch)
+            with torch.no_grad():
+                drafts = served_drafts(drafter, seq, hidden, logits, batch)
             taus.append(float(accepted_lengths(drafts, batch.labels).float().mean()))
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

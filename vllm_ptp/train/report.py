@@ -44,6 +44,10 @@ def write_report(out_dir: str | Path, history: dict) -> Path:
         f"- drafter: {_depth(cfg.get('draft_layers'))}, LoRA rank {cfg['lora_rank']}, "
         f"u-embedding {cfg['u_embedding']} "
         f"({cfg['u_embedding_size']} vectors), lr {cfg['lr']}, dtype {cfg['dtype']}",
+        *([f"- dependency head of width {cfg['dependency_head']}, re-ranking "
+           f"{cfg['dependency_candidates']} candidates"
+           + (" (trained alone; the rest of the drafter frozen)" if cfg["head_only"] else "")]
+          if cfg.get("dependency_head") else []),
         *([f"- continued from the weights of {cfg['init_from']}"] if cfg.get("init_from") else []),
         f"- held-out teacher-forced tau @ k={k}: {last['tau']:.3f} (greedy sequences "
         f"{last.get('tau_greedy', float('nan')):.3f}, sampled T=0.7/top-p 0.95 "
