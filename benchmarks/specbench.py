@@ -7,6 +7,7 @@ rotates from chunk to chunk, so drift of the machine hits all of them alike. Mul
 are answered turn by turn with the conversation so far, as MT-bench does.
 """
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from vllm_ptp.data import read_jsonl, shared_data_file
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
+    every_cpu_core,
     shutdown_engine,
     speculation_stats,
     speculative_config,
@@ -227,7 +229,9 @@ def run_bench(
     if not speculators or speculators[0].spec is not None:
         raise ValueError("the first speculator must be `none` (the speed-up reference)")
     started = time.perf_counter()
-    engines = start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS)
+    with every_cpu_core():
+        engines = start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS)
+        cpu_environment = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
     startup_seconds = time.perf_counter() - started
     coupled = [s for s in speculators if s.coupled]
     min_acceptance = (
@@ -258,6 +262,7 @@ def run_bench(
     return {
         "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
                      "engine": {k: v for k, v in (engine_kwargs or BENCH_ENGINE_KWARGS).items()},
+                     "cpu_environment": cpu_environment,
                      "speculators": [asdict(s) for s in speculators],
                      "ptp_min_acceptance": min_acceptance,
                      "modes": [m.name for m in modes], "sampled": SAMPLED},

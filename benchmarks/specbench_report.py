@@ -111,6 +111,7 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         f"per turn; sampled = temperature {s['sampled']['temperature']}, top-p "
         f"{s['sampled']['top_p']}, fixed seeds. Engines: "
         + ", ".join(f"{k}={v}" for k, v in s["engine"].items())
+        + "".join(f"; {k}={v}" for k, v in s.get("cpu_environment", {}).items())
         + _draft_length_note(s)
         + f". Engine start-up {raw['startup_seconds']:.0f} s, whole run "
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "

@@ -8,6 +8,7 @@ from statistics import median
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
+    every_cpu_core,
     shutdown_engine,
     speculation_stats,
     speculative_config,
@@ -36,9 +37,8 @@ def generate(
 
     allow_function_rpc()
     batch = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
-    llm = LLM(
-        model=target, speculative_config=spec, **TESTBED_ENGINE_KWARGS, **batch
-    )
+    with every_cpu_core():
+        llm = LLM(model=target, speculative_config=spec, **TESTBED_ENGINE_KWARGS, **batch)
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up
         if spec:
