@@ -20,6 +20,7 @@ from vllm_ptp.data import read_jsonl, shared_data_file
 from vllm_ptp.engine import (
     TESTBED_ENGINE_KWARGS,
     allow_function_rpc,
+    environment,
     every_cpu_core,
     shutdown_engine,
     speculation_stats,
@@ -45,6 +46,8 @@ class Speculator:
     name: str
     spec: dict[str, Any] | None  # vLLM's speculative_config; None: no speculation
     coupled: bool = False  # PTP family: sampled text is the target's F^-1(u) at any k
+    # Environment variables its engine starts with (A/B runs of engine or PTP settings).
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 # PTP-family speculators and what their checkpoints are.
@@ -209,7 +212,8 @@ def start_engines(target: str, speculators: list[Speculator], engine_kwargs: dic
     allow_function_rpc()
     engines = {}
     for speculator in tqdm(speculators, desc="starting engines"):
-        llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
+        with environment(speculator.environment):
+            llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
         llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
         if speculator.spec:
             speculation_stats(llm, reset=True)

