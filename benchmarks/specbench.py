@@ -60,8 +60,8 @@ CHECKPOINT_KINDS = {
 
 def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculator:
     """`none`, `ngram[:k=4,min=2,max=4]`, or a PTP-family kind of CHECKPOINT_KINDS with
-    `[:k=8][,batched=2]` (batched: k when 2+ requests share a step), served from
-    `checkpoints[kind]`."""
+    `[:k=8][,batched=2][,lookup=0]` (batched: k when 2+ requests share a step; lookup=0: no
+    prompt-lookup drafts after the first), served from `checkpoints[kind]`."""
     kind, _, options = text.partition(":")
     values = {}
     for item in filter(None, options.split(",")):
@@ -81,14 +81,18 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         checkpoint = checkpoints.get(kind)
         if checkpoint is None:
             raise ValueError(f"speculator {text!r} needs a checkpoint (--{kind})")
-        _check_options(text, values, {"k", "batched"})
+        _check_options(text, values, {"k", "batched", "lookup"})
         k = values.get("k", 8)
         spec, name = speculative_config(checkpoint, k), f"{kind}-k{k}"
         if "batched" in values:  # k when 2+ requests share a step (vLLM's batch-size schedule)
             batched = values["batched"]
             spec["num_speculative_tokens_per_batch_size"] = [(1, 1, k), (2, 1 << 20, batched)]
             name += f"-batched{batched}"
-        return Speculator(name, spec, coupled=True)
+        environment = {}
+        if values.get("lookup", 1) == 0:
+            environment["VLLM_PTP_PROMPT_LOOKUP"] = "off"
+            name += "-no-lookup"
+        return Speculator(name, spec, coupled=True, environment=environment)
     raise ValueError(
         f"unknown speculator {text!r}: use none, ngram or one of {sorted(CHECKPOINT_KINDS)}"
     )
@@ -179,6 +183,7 @@ class ChunkRun:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_lookup_drafts: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     drafter_pass_seconds: list[float] = field(default_factory=list)
     verify_pass_seconds: list[float] = field(default_factory=list)
@@ -278,8 +283,8 @@ def run_bench(
 
 
 def _add_stats(run: ChunkRun, stats: dict[str, Any]) -> None:
-    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position",
-                "drafter_pass_seconds", "verify_pass_seconds"):
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_lookup_drafts",
+                "accepted_per_position", "drafter_pass_seconds", "verify_pass_seconds"):
         setattr(run, key, stats[key])
 
 

@@ -8,11 +8,12 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-SUMMED = ("seconds", "tokens", "num_drafts", "num_draft_tokens", "num_accepted_tokens")
+SUMMED = ("seconds", "tokens", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
+          "num_lookup_drafts")
 
 
 def _totals(runs: list[dict]) -> dict[str, Any]:
-    total = {key: sum(r[key] for r in runs) for key in SUMMED}
+    total = {key: sum(r.get(key, 0) for r in runs) for key in SUMMED}  # older runs lack some
     width = max((len(r["accepted_per_position"]) for r in runs), default=0)
     total["accepted_per_position"] = [
         sum(r["accepted_per_position"][i] for r in runs if i < len(r["accepted_per_position"]))
@@ -36,6 +37,9 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
         "acceptance_by_position": [n / total["num_drafts"] for n in total["accepted_per_position"]]
         if total["num_drafts"] else [],
         "drafts_per_step": total["num_draft_tokens"] / total["num_drafts"]
+        if total["num_drafts"] else None,
+        # Share of PTP's drafting steps whose later drafts came from prompt lookup.
+        "lookup_share": total["num_lookup_drafts"] / total["num_drafts"]
         if total["num_drafts"] else None,
         "drafter_pass_ms": 1000 * median(drafter) if drafter else None,
         "verify_pass_ms": 1000 * median(verify) if verify else None,
@@ -124,15 +128,17 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
         "in the same run, interleaved chunk by chunk.",
         "",
-        "| mode | speculator | τ | drafts/step | tok/s | speed-up | drafter pass ms | "
-        "verify pass ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | speculator | τ | drafts/step | lookup steps | tok/s | speed-up | "
+        "drafter pass ms | verify pass ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    coupled = {sp["name"] for sp in s["speculators"] if sp.get("coupled")}  # PTP family
     for mode, results in summary.items():
         for spec, r in results.items():
+            lookup_share = r.get("lookup_share") if spec in coupled else None
             lines.append(
                 f"| {mode} | {spec} | {r['tau']:.2f} | {_fmt(r.get('drafts_per_step'), 2)} | "
-                f"{r['tokens_per_second']:.1f} | "
+                f"{_fmt(lookup_share, 2)} | {r['tokens_per_second']:.1f} | "
                 f"{r['speedup']:.2f}× | {_fmt(r['drafter_pass_ms'], 1)} | "
                 f"{_fmt(r['verify_pass_ms'], 1)} |"
             )

@@ -54,18 +54,25 @@ def sampled_rows(num_rows: int) -> SamplingRows:
     )
 
 
-def test_coupled_verification_emits_the_targets_own_samples():
+def verification_step():
+    """A verifier with its rows pending, 3 requests' target logits [6, VOCAB], the target's
+    sample of every row, and the drafts: request 0 drafts exactly the target's samples (all
+    accepted + bonus); request 1's first draft is wrong (the target's token replaces it);
+    request 2 has no drafts."""
     torch.manual_seed(0)
     logits = torch.randn(6, VOCAB) * 4
     rows = sampled_rows(6)
     row_tokens = sampling.sample(logits, rows).tolist()
-    # Request 0 drafts exactly the target's samples (all accepted + bonus); request 1's
-    # first draft is wrong (the target's token replaces it); request 2 has no drafts.
     drafts = [row_tokens[0:2], [(row_tokens[3] + 1) % VOCAB], []]
     sampler = PTPSampler("raw_logprobs")
     draft_length = AdaptiveDraftLength(max_k=2, min_acceptance=0.1)
     verifier = PTPRejectionSampler(sampler, draft_length=draft_length)
     sampler.pending_rows = rows
+    return verifier, logits, row_tokens, drafts
+
+
+def test_coupled_verification_emits_the_targets_own_samples():
+    verifier, logits, row_tokens, drafts = verification_step()
     out = verifier(spec_metadata(drafts), None, logits, sampling_metadata(max_num_logprobs=2))
     assert out.sampled_token_ids.tolist() == [
         row_tokens[0:3],
@@ -77,9 +84,9 @@ def test_coupled_verification_emits_the_targets_own_samples():
     token_logprobs = out.logprobs_tensors.logprobs[:, 0].view(3, 3)
     torch.testing.assert_close(token_logprobs[0], logprobs[[0, 1, 2], row_tokens[0:3]])
     torch.testing.assert_close(token_logprobs[1, 0], logprobs[3, row_tokens[3]])
-    assert sampler.pending_rows is None  # rows are consumed by exactly one sampling call
+    assert verifier.sampler.pending_rows is None  # consumed by exactly one sampling call
     # The draft length learned from it: 1 of 2 first drafts and 1 of 1 second drafts accepted.
-    assert draft_length.rates[0] < 1.0 and draft_length.rates[1] == 1.0
+    assert verifier.draft_length.rates[0] < 1.0 and verifier.draft_length.rates[1] == 1.0
 
 
 def test_plain_sampler_uses_inverse_cdf_rows():

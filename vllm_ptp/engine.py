@@ -91,6 +91,7 @@ def _speculation_stats(worker, reset: bool) -> dict[str, Any]:
         "num_drafts": stats.num_drafts,
         "num_draft_tokens": stats.num_draft_tokens,
         "num_accepted_tokens": stats.num_accepted_tokens,
+        "num_lookup_drafts": stats.num_lookup_drafts,
         "accepted_per_position": list(stats.accepted_per_position),
         "mean_accepted_length": stats.mean_accepted_length,
         "acceptance_by_position": stats.acceptance_by_position,

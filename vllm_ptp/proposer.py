@@ -5,6 +5,7 @@ the first draft (at full depth with adapters off, so it is the target itself), a
 rows carrying u(seed, position) for the next k tokens (adapters on).
 Context K/V are read straight from the target's paged KV cache; nothing is written to it, so no
 extra KV slots are reserved and the next verification step sees the cache unchanged.
+Where the text repeats, drafts after the first are copied from the context instead (lookup.py).
 """
 
 import os
@@ -17,7 +18,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
-from vllm_ptp import ops
+from vllm_ptp import lookup, ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
@@ -57,7 +58,8 @@ class DraftBatch:
     position: torch.Tensor  # [N] int64, its position = number of cached context tokens
     seed: torch.Tensor  # [N] int64 PTP seed of the request
     greedy: torch.Tensor  # [N] bool: greedy request (the drafter gets the greedy marker)
-    num_drafts: np.ndarray  # [N] drafts wanted (k, fewer near max_model_len)
+    num_drafts: np.ndarray  # [N] drafts wanted from the drafter (adaptive draft length)
+    max_drafts: np.ndarray  # [N] drafts allowed (k, fewer near max_model_len)
     next_token_sampling: SamplingRows  # [N] each request's transform and u of token position+1
 
     @property
@@ -84,6 +86,9 @@ class PTPProposer:
         # Shallow drafters: per request of the input batch, the target's final hidden state of
         # the position before its newest token, set by the runner each step.
         self.previous_hidden: torch.Tensor | None = None
+        self.prompt_lookup = lookup.prompt_lookup_setting()
+        # Requests whose latest drafts after the first came from prompt lookup, not the drafter.
+        self.lookup_requests: set[str] = set()
 
     @property
     def needs_previous_hidden(self) -> bool:
@@ -101,6 +106,8 @@ class PTPProposer:
             _draft_target(target_model, hf_config, draft_weights, self.drafter.layer_indices)
         )
         self.drafter.prepare_for_serving()
+        if self.prompt_lookup != "off":
+            lookup.warm_up()
         self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]
         logger.info(
             "PTP drafter loaded from %s (k=%d, %s weights)", checkpoint, self.k, draft_weights
@@ -118,8 +125,9 @@ class PTPProposer:
         A drafter failure must never cost a request: on any error this step goes on without
         drafts (plain decoding) and the error is logged once.
         """
+        self.lookup_requests = set()
         try:
-            drafts = self._propose(sampled_token_ids, num_tokens_no_spec)
+            drafts = self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
             _check_drafts(drafts, len(sampled_token_ids), self.k, self.drafter)
             return drafts
         except Exception:
@@ -133,7 +141,10 @@ class PTPProposer:
 
     @torch.inference_mode()
     def _propose(
-        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
     ) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         batch = self._draft_batch(sampled_token_ids, num_tokens_no_spec)
@@ -148,9 +159,22 @@ class PTPProposer:
                 f"{(len(batch.batch_index), batch.k)}"
             )
         tokens = tokens.tolist()
+        req_ids = self.runner.input_batch.req_ids
         for row, index in enumerate(batch.batch_index):
             drafts[index] = tokens[row][: batch.num_drafts[row]]
+            if not self._looks_up(batch, row):
+                continue
+            context = token_ids_cpu[index, : num_tokens_no_spec[index]]
+            copied = lookup.continuation(context, drafts[index][0], batch.max_drafts[row] - 1)
+            if copied.size:
+                drafts[index] = [drafts[index][0], *copied.tolist()]
+                self.lookup_requests.add(req_ids[index])
         return drafts
+
+    def _looks_up(self, batch: DraftBatch, row: int) -> bool:
+        return self.prompt_lookup == "all" or (
+            self.prompt_lookup == "greedy" and bool(batch.greedy[row])
+        )
 
     def _draft_batch(
         self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
@@ -161,12 +185,11 @@ class PTPProposer:
             return None
         num_tokens = num_tokens_no_spec[index].astype(np.int64)
         k = self.k_by_batch_size[len(sampled_token_ids)] if self.k_by_batch_size else self.k
-        k = min(k, self.runner.draft_length.num_drafts)
-        num_drafts = np.clip(self.max_model_len - num_tokens, 0, k)
-        keep = num_drafts > 0
+        max_drafts = np.clip(self.max_model_len - num_tokens, 0, k)
+        keep = max_drafts > 0
         if not keep.any():
             return None
-        index, num_tokens, num_drafts = index[keep], num_tokens[keep], num_drafts[keep]
+        index, num_tokens, max_drafts = index[keep], num_tokens[keep], max_drafts[keep]
         position = torch.from_numpy(num_tokens - 1)
         seed = torch.tensor([self.runner.ptp_seed(req_ids[i]) for i in index])
         params = [self.runner.requests[req_ids[i]].sampling_params for i in index]
@@ -176,7 +199,8 @@ class PTPProposer:
             position=position,
             seed=seed,
             greedy=torch.tensor([self.runner.is_greedy(req_ids[i]) for i in index]),
-            num_drafts=num_drafts,
+            num_drafts=np.minimum(max_drafts, self.runner.draft_length.num_drafts),
+            max_drafts=max_drafts,
             next_token_sampling=SamplingRows.of_requests(params, ops.uniforms(seed, position + 1)),
         )
 

@@ -95,6 +95,10 @@ class PTPRunnerMixin:
             self.sampler.pending_rows = self._sampling_rows(spec_decode_metadata)
         if spec_decode_metadata is not None:
             self.verify_pass_times.append(self._last_forward_seconds)
+            req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+            self.rejection_sampler.pending_lookup_rows = torch.tensor(
+                [req_id in self.drafter.lookup_requests for req_id in req_ids], dtype=torch.bool
+            )
         return super()._sample(logits, spec_decode_metadata)
 
     def _sampling_rows(self, spec_decode_metadata: SpecDecodeMetadata | None) -> SamplingRows:

@@ -26,11 +26,19 @@ class VerificationStats:
     num_drafts: int = 0  # (request, step) pairs that carried drafts
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_lookup_drafts: int = 0  # of num_drafts, those continued by prompt lookup
     accepted_per_position: list[int] = field(default_factory=list)
 
-    def record(self, num_drafts: torch.Tensor, num_accepted: torch.Tensor) -> None:
+    def record(
+        self,
+        num_drafts: torch.Tensor,
+        num_accepted: torch.Tensor,
+        lookup_rows: torch.Tensor | None = None,
+    ) -> None:
         _, accepted = counts_by_position(num_drafts, num_accepted)
         self.num_drafts += int((num_drafts > 0).sum())
+        if lookup_rows is not None:
+            self.num_lookup_drafts += int(((num_drafts > 0) & lookup_rows).sum())
         self.num_draft_tokens += int(num_drafts.sum())
         self.num_accepted_tokens += int(num_accepted.sum())
         missing = len(accepted) - len(self.accepted_per_position)
@@ -86,7 +94,10 @@ class PTPRejectionSampler(RejectionSampler):
     def __init__(self, *args, draft_length: AdaptiveDraftLength, **kwargs):
         super().__init__(*args, **kwargs)
         self.stats = VerificationStats()
-        self.draft_length = draft_length  # learns from every verification
+        self.draft_length = draft_length  # learns from the drafter's drafts
+        # Per request of the step: drafts after the first came from prompt lookup. Set by the
+        # runner before each verification; those rows would skew the drafter's acceptance rates.
+        self.pending_lookup_rows: torch.Tensor | None = None
 
     def forward(
         self,
@@ -109,8 +120,10 @@ class PTPRejectionSampler(RejectionSampler):
         )
         # Logits rows are grouped per request: its draft positions, then its bonus position.
         output, num_accepted = ops.sample_and_verify(logits, rows, draft_tokens, num_drafts)
-        self.stats.record(num_drafts, num_accepted)
-        self.draft_length.record(num_drafts, num_accepted)
+        lookup_rows, self.pending_lookup_rows = self.pending_lookup_rows, None
+        self.stats.record(num_drafts, num_accepted, lookup_rows)
+        drafter_rows = ~lookup_rows if lookup_rows is not None else slice(None)
+        self.draft_length.record(num_drafts[drafter_rows], num_accepted[drafter_rows])
         output = output.to(torch.int32)
 
         logprobs_tensors = None

@@ -72,6 +72,10 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
     batched = parse_speculator("ptp:k=8,batched=2", {"ptp": tmp_path})
     assert batched.name == "ptp-k8-batched2"
     assert batched.spec["num_speculative_tokens_per_batch_size"] == [(1, 1, 8), (2, 1 << 20, 2)]
+    no_lookup = parse_speculator("ptp:k=8,lookup=0", {"ptp": tmp_path})
+    assert no_lookup.name == "ptp-k8-no-lookup"
+    assert no_lookup.environment == {"VLLM_PTP_PROMPT_LOOKUP": "off"}
+    assert parse_speculator("ptp:k=8,lookup=1", {"ptp": tmp_path}).environment == {}
     with pytest.raises(ValueError, match="greedy-bN"):
         Mode.parse("beam-b2")
     with pytest.raises(ValueError, match="must be `none`"):

@@ -56,6 +56,22 @@ def test_batch_size_schedule_shortens_drafts_and_changes_nothing(
     assert stats["num_accepted_tokens"] > 0
 
 
+REPEAT_CHAT = [{"role": "user", "content": "Repeat this list twice, word for word: apples, "
+                "pears, plums, cherries, grapes, lemons, limes, figs."}]
+
+
+def test_prompt_lookup_drafts_where_text_repeats(engine, specbench_chats):
+    # Where the context repeats, drafts after the first are copied from it (lookup.py).
+    chats = [REPEAT_CHAT, *specbench_chats[:3]]
+    params = SamplingParams(max_tokens=64, temperature=0.0)
+    expected = token_ids(engine(None).chat(chats, params))
+    llm = engine(8)
+    speculation_stats(llm, reset=True)
+    assert token_ids(llm.chat(chats, params)) == expected
+    stats = speculation_stats(llm)
+    assert 0 < stats["num_lookup_drafts"] < stats["num_drafts"]
+
+
 def _drafter_passes_and_failures(worker) -> tuple[int, int]:
     drafter = worker.model_runner.drafter
     return len(drafter.pass_times), drafter.num_failures
