@@ -14,7 +14,7 @@ from vllm_ptp.models.gated_lora_llama import (
     adapted_projection,
     draft_query,
 )
-from vllm_ptp.models.quantized import Int8LoraLinear, _recover_weight, int8_view
+from vllm_ptp.models.quantized import Int8Linear, Int8LoraLinear, _recover_weight, int8_view
 from vllm_ptp.models.target import from_hf_llama
 
 
@@ -198,6 +198,9 @@ def test_int8_adapters_fused_into_the_base_gemm_match_the_separate_update(drafte
         base = getattr(view.layers[0], field)
         adapter = GroupAdapter.of(adapters, drafter.lora_shapes, names)
         fused = adapted_projection(base, adapter, drafter.scaling)
+        if not isinstance(base, Int8Linear):  # down_proj in bf16 where the CPU has bf16 GEMMs
+            assert field == "down_proj" and isinstance(fused, AdaptedProjection)
+            continue
         assert isinstance(fused, Int8LoraLinear)
         x = torch.randn(len(gate), adapter.lora_A.shape[1])
         with torch.no_grad():
