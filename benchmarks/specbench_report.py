@@ -13,7 +13,7 @@ SUMMED = ("seconds", "tokens", "num_drafts", "num_draft_tokens", "num_accepted_t
 
 
 def _totals(runs: list[dict]) -> dict[str, Any]:
-    total = {key: sum(r.get(key, 0) for r in runs) for key in SUMMED}  # older runs lack some
+    total = {key: sum(r[key] for r in runs) for key in SUMMED}
     width = max((len(r["accepted_per_position"]) for r in runs), default=0)
     total["accepted_per_position"] = [
         sum(r["accepted_per_position"][i] for r in runs if i < len(r["accepted_per_position"]))

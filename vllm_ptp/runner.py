@@ -97,7 +97,9 @@ class PTPRunnerMixin:
             self.verify_pass_times.append(self._last_forward_seconds)
             req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
             self.rejection_sampler.pending_lookup_rows = torch.tensor(
-                [req_id in self.drafter.lookup_requests for req_id in req_ids], dtype=torch.bool
+                [req_id in self.drafter.lookup_requests for req_id in req_ids],
+                dtype=torch.bool,
+                device=self.device,
             )
         return super()._sample(logits, spec_decode_metadata)
 
