@@ -60,8 +60,9 @@ CHECKPOINT_KINDS = {
 
 def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculator:
     """`none`, `ngram[:k=4,min=2,max=4]`, or a PTP-family kind of CHECKPOINT_KINDS with
-    `[:k=8][,batched=2][,lookup=0]` (batched: k when 2+ requests share a step; lookup=0: no
-    prompt-lookup drafts after the first), served from `checkpoints[kind]`."""
+    `[:k=8][,batched=2][,lookup=0][,copy=0]` (batched: k when 2+ requests share a step;
+    lookup=0: no prompt-lookup drafts; copy=0: no copy runs, the drafter runs every step),
+    served from `checkpoints[kind]`."""
     kind, _, options = text.partition(":")
     values = {}
     for item in filter(None, options.split(",")):
@@ -81,7 +82,7 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         checkpoint = checkpoints.get(kind)
         if checkpoint is None:
             raise ValueError(f"speculator {text!r} needs a checkpoint (--{kind})")
-        _check_options(text, values, {"k", "batched", "lookup"})
+        _check_options(text, values, {"k", "batched", "lookup", "copy"})
         k = values.get("k", 8)
         spec, name = speculative_config(checkpoint, k), f"{kind}-k{k}"
         if "batched" in values:  # k when 2+ requests share a step (vLLM's batch-size schedule)
@@ -92,6 +93,9 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         if values.get("lookup", 1) == 0:
             environment["VLLM_PTP_PROMPT_LOOKUP"] = "off"
             name += "-no-lookup"
+        if values.get("copy", 1) == 0:
+            environment["VLLM_PTP_COPY_RUNS"] = "off"
+            name += "-no-copy-runs"
         return Speculator(name, spec, coupled=True, environment=environment)
     raise ValueError(
         f"unknown speculator {text!r}: use none, ngram or one of {sorted(CHECKPOINT_KINDS)}"
@@ -305,9 +309,21 @@ def output_checks(
         for speculator in compared:
             ours = outputs[(speculator.name, mode.name)]
             theirs = outputs[(reference.name, mode.name)]
+            differing = [key for key in theirs if ours[key] != theirs[key]]
             checks.append({
                 "mode": mode.name, "speculator": speculator.name, "check": what,
-                "identical": sum(ours[key] == theirs[key] for key in theirs),
-                "total": len(theirs),
+                "identical": len(theirs) - len(differing), "total": len(theirs),
+                # Where each differing turn first differs (later turns of its question follow
+                # from the first one's text).
+                "differences": [
+                    {"question_id": question_id, "turn": turn,
+                     "token": _first_difference(ours[(question_id, turn)],
+                                                theirs[(question_id, turn)])}
+                    for question_id, turn in differing
+                ],
             })
     return checks
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -38,9 +38,12 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
         if total["num_drafts"] else [],
         "drafts_per_step": total["num_draft_tokens"] / total["num_drafts"]
         if total["num_drafts"] else None,
-        # Share of PTP's drafting steps whose later drafts came from prompt lookup.
+        # Share of PTP's drafting steps whose later drafts (all, in copy runs) came from lookup.
         "lookup_share": total["num_lookup_drafts"] / total["num_drafts"]
         if total["num_drafts"] else None,
+        # PTP's drafter passes per drafting step: below 1 where copy runs skipped the pass.
+        "drafter_passes_per_step": len(drafter) / total["num_drafts"]
+        if drafter and total["num_drafts"] else None,
         "drafter_pass_ms": 1000 * median(drafter) if drafter else None,
         "verify_pass_ms": 1000 * median(verify) if verify else None,
     }
@@ -90,6 +93,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _differences(check: dict[str, Any]) -> str:
+    """Where the differing turns first differ (runs before this field have none)."""
+    if not check.get("differences"):
+        return ""
+    return " (first different token: " + ", ".join(
+        f"question {d['question_id']} turn {d['turn'] + 1} token {d['token']}"
+        for d in check["differences"]
+    ) + ")"
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -128,9 +141,9 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
         "in the same run, interleaved chunk by chunk.",
         "",
-        "| mode | speculator | τ | drafts/step | lookup steps | tok/s | speed-up | "
-        "drafter pass ms | verify pass ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | speculator | τ | drafts/step | lookup steps | drafter passes/step | tok/s | "
+        "speed-up | drafter pass ms | verify pass ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     coupled = {sp["name"] for sp in s["speculators"] if sp.get("coupled")}  # PTP family
     for mode, results in summary.items():
@@ -138,13 +151,14 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
             lookup_share = r.get("lookup_share") if spec in coupled else None
             lines.append(
                 f"| {mode} | {spec} | {r['tau']:.2f} | {_fmt(r.get('drafts_per_step'), 2)} | "
-                f"{_fmt(lookup_share, 2)} | {r['tokens_per_second']:.1f} | "
+                f"{_fmt(lookup_share, 2)} | {_fmt(r.get('drafter_passes_per_step'), 2)} | "
+                f"{r['tokens_per_second']:.1f} | "
                 f"{r['speedup']:.2f}× | {_fmt(r['drafter_pass_ms'], 1)} | "
                 f"{_fmt(r['verify_pass_ms'], 1)} |"
             )
     lines += ["", "Output checks:", ""]
     lines += [f"- {c['mode']}, {c['speculator']}: {c['identical']}/{c['total']} outputs "
-              f"{c['check']}" for c in raw["checks"]]
+              f"{c['check']}" + _differences(c) for c in raw["checks"]]
     for mode, results in summary.items():
         categories = list(next(iter(results.values()))["per_category"])
         lines += ["", f"## {mode}: τ / speed-up per category", "",

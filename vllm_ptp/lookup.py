@@ -6,6 +6,10 @@ past the second position. When the context followed by the first draft ends with
 ones that follow now (code, quotes, lists, rewrites of the prompt), and better drafts than the
 auxiliary rows'. Any drafts keep the output exact: coupled verification accepts a draft only
 where it equals the target's own sample.
+
+Copy runs: while a request's copied drafts were all accepted in the previous step, the text is
+being copied, and the next drafts are copied straight away, without a drafter pass for that
+request (at batch 1 that skips the pass: about 40% of a step here).
 """
 
 import os
@@ -15,6 +19,7 @@ from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_p
 
 MIN_NGRAM, MAX_NGRAM = 2, 4
 PROMPT_LOOKUP_CHOICES = ("all", "greedy", "off")
+COPY_RUNS_CHOICES = ("on", "off")
 
 
 def prompt_lookup_setting() -> str:
@@ -28,10 +33,18 @@ def prompt_lookup_setting() -> str:
     return setting
 
 
-def continuation(context: np.ndarray, first_draft: int, max_drafts: int) -> np.ndarray:
+def copy_runs_setting() -> bool:
+    """`VLLM_PTP_COPY_RUNS`: `on` (default) copies drafts without a drafter pass while the
+    previous step's copied drafts were all accepted; `off` always runs the drafter first."""
+    setting = os.environ.get("VLLM_PTP_COPY_RUNS", "on")
+    if setting not in COPY_RUNS_CHOICES:
+        raise ValueError(f"VLLM_PTP_COPY_RUNS={setting!r} is not one of {COPY_RUNS_CHOICES}")
+    return setting == "on"
+
+
+def continuation(tokens: np.ndarray, max_drafts: int) -> np.ndarray:
     """Up to `max_drafts` tokens that followed the longest earlier occurrence (the earliest of
-    equally long ones) of the n-gram ending `context + [first_draft]`; empty without one."""
-    tokens = np.append(context, np.asarray(first_draft, dtype=context.dtype))
+    equally long ones) of the n-gram ending `tokens`; empty without one."""
     return _find_longest_matched_ngram_and_propose_tokens(
         origin_tokens=tokens,
         min_ngram=MIN_NGRAM,
@@ -43,4 +56,4 @@ def continuation(context: np.ndarray, first_draft: int, max_drafts: int) -> np.n
 
 def warm_up() -> None:
     """Compile the numba matcher for vLLM's token dtype before the first request."""
-    continuation(np.array([1, 2, 3, 1, 2], dtype=np.int32), 3, 1)
+    continuation(np.array([1, 2, 3, 1, 2, 3], dtype=np.int32), 1)

@@ -67,6 +67,7 @@ def _register_fakes() -> None:
         ("sample", fake_sample),
         ("sample_and_verify", fake_verify),
         ("paged_slots", fake_slots),
+        ("gather_paged_kv", lambda *args: None),
         ("write_u_embeddings", lambda *args: None),
     ]:
         torch.library.register_fake(f"vllm_ptp::{name}", fake)
@@ -173,3 +174,34 @@ def reference_paged_slots(
     ids = block_table[batch_index.long()[:, None], block.clamp(0, max(num_blocks - 1, 0))]
     slots = ids.long() * block_size + positions % block_size
     return torch.where((positions >= 0) & (block < num_blocks), slots, -1)
+
+
+def gather_paged_kv(
+    cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+) -> None:
+    """Writes the keys and values at `slots` [N, L] of one layer's vLLM CPU KV cache [blocks,
+    kv_heads, block_size, 2 * head_dim] into `keys` and `values` [N, kv_heads, >= L, head_dim]
+    (contiguous); positions past L are left as they are. Slot -1 reads as zeros."""
+    if not compiled(slots.device):
+        return reference_gather_paged_kv(cache, slots, keys, values)
+    torch.ops.vllm_ptp.gather_paged_kv(cache, slots.long().contiguous(), keys, values)
+
+
+def reference_gather_paged_kv(
+    cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+) -> None:
+    num_blocks, heads, block_size, head_dim_x2 = cache.shape
+    head_dim, length = head_dim_x2 // 2, slots.shape[1]
+    valid = slots >= 0
+    blocks, offsets = (slots // block_size)[valid], (slots % block_size)[valid]
+    # Per block and head: keys [head_dim, block_size], then values [block_size, head_dim].
+    halves = cache.view(num_blocks, heads, 2, block_size * head_dim)
+    cache_keys = halves[:, :, 0].view(num_blocks, heads, head_dim, block_size)
+    cache_values = halves[:, :, 1].view(num_blocks, heads, block_size, head_dim)
+    for out, gathered in (
+        # Advanced indices on two dims: the results are [valid slots, heads, head_dim].
+        (keys[:, :, :length], cache_keys[blocks, :, :, offsets]),
+        (values[:, :, :length], cache_values[blocks, :, offsets]),
+    ):
+        out.transpose(1, 2)[~valid] = 0
+        out.transpose(1, 2)[valid] = gathered

@@ -8,6 +8,7 @@ extra KV slots are reserved and the next verification step sees the cache unchan
 Where the text repeats, drafts after the first are copied from the context instead (lookup.py).
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,29 +23,33 @@ from vllm_ptp import lookup, ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
-from vllm_ptp.models.quantized import int8_view
+from vllm_ptp.models.quantized import COMPACT_FORMATS, compact_view, has_bf16_gemms
 from vllm_ptp.models.target import TargetView, from_vllm_llama
 from vllm_ptp.sampling import SamplingRows
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
 
-DRAFT_WEIGHTS_CHOICES = ("int8", "target")
+DRAFT_WEIGHTS_CHOICES = (*COMPACT_FORMATS, "target")
 
 
 def draft_weights_setting(device: torch.device) -> str:
-    """`VLLM_PTP_DRAFT_WEIGHTS`: which copy of the target's weights the drafter reads. `int8`
-    (the CPU default) is a per-channel int8 copy, about 4x fewer bytes per drafter pass; `target`
-    reads the served weights themselves. Drafts only steer speed: output is exact either way."""
-    default = "int8" if device.type == "cpu" else "target"
+    """`VLLM_PTP_DRAFT_WEIGHTS`: which copy of the target's weights the drafter reads. On CPU
+    the default is a compact copy (models/quantized.py): `bf16` where the CPU has bf16 GEMMs,
+    else `int8`; `target` reads the served weights themselves (the default on other devices).
+    Drafts only steer speed: output is exact either way."""
+    if device.type != "cpu":
+        default = "target"
+    else:
+        default = "bf16" if has_bf16_gemms() else "int8"
     setting = os.environ.get("VLLM_PTP_DRAFT_WEIGHTS", default)
     if setting not in DRAFT_WEIGHTS_CHOICES:
         raise ValueError(
             f"VLLM_PTP_DRAFT_WEIGHTS={setting!r} is not one of {DRAFT_WEIGHTS_CHOICES}"
         )
-    if setting == "int8" and device.type != "cpu":
+    if setting in COMPACT_FORMATS and device.type != "cpu":
         raise ValueError(
-            "VLLM_PTP_DRAFT_WEIGHTS=int8 uses torch's CPU int8 GEMMs; on "
-            f"{device.type} set VLLM_PTP_DRAFT_WEIGHTS=target"
+            f"VLLM_PTP_DRAFT_WEIGHTS={setting} uses CPU GEMMs; on {device.type} set "
+            "VLLM_PTP_DRAFT_WEIGHTS=target"
         )
     return setting
 
@@ -81,14 +86,17 @@ class PTPProposer:
         self.runner = runner
         self.drafter: GatedLoraDrafter | None = None
         self.attention_layers: list[torch.nn.Module] = []
+        self.kv_workspace = KVWorkspace()
         self.num_failures = 0  # drafter passes that failed (logged on the first only)
         self.pass_times: list[float] = []  # seconds per drafter pass, read by benchmarks
         # Shallow drafters: per request of the input batch, the target's final hidden state of
         # the position before its newest token, set by the runner each step.
         self.previous_hidden: torch.Tensor | None = None
         self.prompt_lookup = lookup.prompt_lookup_setting()
-        # Requests whose latest drafts after the first came from prompt lookup, not the drafter.
-        self.lookup_requests: set[str] = set()
+        self.copy_runs = self.prompt_lookup != "off" and lookup.copy_runs_setting()
+        # Requests whose latest drafts (after the first, or all of them in a copy run) came from
+        # prompt lookup, not the drafter, and how many drafts they got.
+        self.lookup_requests: dict[str, int] = {}
 
     @property
     def needs_previous_hidden(self) -> bool:
@@ -125,9 +133,11 @@ class PTPProposer:
         A drafter failure must never cost a request: on any error this step goes on without
         drafts (plain decoding) and the error is logged once.
         """
-        self.lookup_requests = set()
+        copied_last_step, self.lookup_requests = self.lookup_requests, {}
         try:
-            drafts = self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+            drafts = self._propose(
+                sampled_token_ids, num_tokens_no_spec, token_ids_cpu, copied_last_step
+            )
             _check_drafts(drafts, len(sampled_token_ids), self.k, self.drafter)
             return drafts
         except Exception:
@@ -145,9 +155,30 @@ class PTPProposer:
         sampled_token_ids: list[list[int]],
         num_tokens_no_spec: np.ndarray,
         token_ids_cpu: np.ndarray,
+        copied_last_step: dict[str, int],
     ) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
-        batch = self._draft_batch(sampled_token_ids, num_tokens_no_spec)
+        req_ids = self.runner.input_batch.req_ids
+        index = np.array([i for i, tokens in enumerate(sampled_token_ids) if tokens], np.int64)
+        max_drafts = self._max_drafts(num_tokens_no_spec[index], len(sampled_token_ids))
+        index, max_drafts = index[max_drafts > 0], max_drafts[max_drafts > 0]
+
+        def context(i: int) -> np.ndarray:
+            return token_ids_cpu[i, : num_tokens_no_spec[i]]
+
+        drafted = np.ones(len(index), dtype=bool)  # rows that need the drafter pass
+        for row, i in enumerate(index):
+            req_id = req_ids[i]
+            # All of last step's copied drafts accepted: the text is being copied.
+            if self.copy_runs and copied_last_step.get(req_id) == len(sampled_token_ids[i]) - 1:
+                copied = lookup.continuation(context(i), max_drafts[row])
+                if copied.size:
+                    drafts[i] = copied.tolist()
+                    self.lookup_requests[req_id] = len(drafts[i])
+                    drafted[row] = False
+        batch = self._draft_batch(
+            index[drafted], max_drafts[drafted], sampled_token_ids, num_tokens_no_spec
+        )
         if batch is None:
             return drafts
         start = time.perf_counter()
@@ -158,39 +189,40 @@ class PTPProposer:
                 f"PTP drafter returned drafts of shape {tuple(tokens.shape)}, expected "
                 f"{(len(batch.batch_index), batch.k)}"
             )
-        tokens = tokens.tolist()
-        req_ids = self.runner.input_batch.req_ids
-        for row, index in enumerate(batch.batch_index):
-            drafts[index] = tokens[row][: batch.num_drafts[row]]
-            if not self._looks_up(batch, row):
+        for row, (i, row_tokens) in enumerate(zip(batch.batch_index, tokens.tolist())):
+            drafts[i] = row_tokens[: batch.num_drafts[row]]
+            if not self._looks_up(req_ids[i]):
                 continue
-            context = token_ids_cpu[index, : num_tokens_no_spec[index]]
-            copied = lookup.continuation(context, drafts[index][0], batch.max_drafts[row] - 1)
+            first = np.asarray([drafts[i][0]], dtype=token_ids_cpu.dtype)
+            copied = lookup.continuation(
+                np.concatenate((context(i), first)), batch.max_drafts[row] - 1
+            )
             if copied.size:
-                drafts[index] = [drafts[index][0], *copied.tolist()]
-                self.lookup_requests.add(req_ids[index])
+                drafts[i] = [drafts[i][0], *copied.tolist()]
+                self.lookup_requests[req_ids[i]] = len(drafts[i])
         return drafts
 
-    def _looks_up(self, batch: DraftBatch, row: int) -> bool:
+    def _looks_up(self, req_id: str) -> bool:
         return self.prompt_lookup == "all" or (
-            self.prompt_lookup == "greedy" and bool(batch.greedy[row])
+            self.prompt_lookup == "greedy" and self.runner.is_greedy(req_id)
         )
 
+    def _max_drafts(self, num_tokens: np.ndarray, batch_size: int) -> np.ndarray:
+        """Drafts allowed per request: k (by batch size), fewer near max_model_len."""
+        k = self.k_by_batch_size[batch_size] if self.k_by_batch_size else self.k
+        return np.clip(self.max_model_len - num_tokens.astype(np.int64), 0, k)
+
     def _draft_batch(
-        self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray
+        self,
+        index: np.ndarray,
+        max_drafts: np.ndarray,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
     ) -> DraftBatch | None:
-        req_ids = self.runner.input_batch.req_ids
-        index = np.array([i for i, tokens in enumerate(sampled_token_ids) if tokens], np.int64)
         if index.size == 0:
             return None
-        num_tokens = num_tokens_no_spec[index].astype(np.int64)
-        k = self.k_by_batch_size[len(sampled_token_ids)] if self.k_by_batch_size else self.k
-        max_drafts = np.clip(self.max_model_len - num_tokens, 0, k)
-        keep = max_drafts > 0
-        if not keep.any():
-            return None
-        index, num_tokens, max_drafts = index[keep], num_tokens[keep], max_drafts[keep]
-        position = torch.from_numpy(num_tokens - 1)
+        req_ids = self.runner.input_batch.req_ids
+        position = torch.from_numpy(num_tokens_no_spec[index].astype(np.int64) - 1)
         seed = torch.tensor([self.runner.ptp_seed(req_ids[i]) for i in index])
         params = [self.runner.requests[req_ids[i]].sampling_params for i in index]
         return DraftBatch(
@@ -224,6 +256,8 @@ class PTPProposer:
             self.runner.input_batch.block_table[0],
             batch.batch_index,
             context_len,
+            room=query.inputs_embeds.shape[1],
+            workspace=self.kv_workspace,
         )
         hidden = drafter(query, context)
         logits = drafter.logits(hidden)
@@ -253,15 +287,19 @@ def _draft_target(
     target_model: torch.nn.Module, hf_config, draft_weights: str, layers: range
 ) -> TargetView:
     target = from_vllm_llama(target_model, hf_config)
-    if draft_weights == "int8":
-        return int8_view(target, hf_config.hidden_size, hf_config.intermediate_size, layers)
-    return target
+    if draft_weights == "target":
+        return target
+    return compact_view(
+        target, draft_weights, hf_config.hidden_size, hf_config.intermediate_size, layers
+    )
 
 
 class PagedContext:
-    """Context K/V of a batch of requests, gathered from vLLM's paged CPU KV cache.
+    """Context K/V of a batch of requests, gathered layer by layer from vLLM's paged CPU KV cache
+    into one reused buffer with room after the context for the pass's own rows (the drafter
+    writes them there instead of concatenating them to the context in every layer).
 
-    vLLM's CPU cache per layer is [num_blocks, kv_heads, 2, block_size * head_dim]: per block and
+    vLLM's CPU cache per layer is [num_blocks, kv_heads, block_size, 2 * head_dim]: per block and
     head, the keys stored dimension-major ([head_dim, block_size], the layout the "vec" and
     "vec16" attention kernels read) followed by the values ([block_size, head_dim]).
     tests/test_paged_context.py pins this against vLLM's own cache-writing op.
@@ -269,46 +307,66 @@ class PagedContext:
 
     SUPPORTED_ISAS = ("vec", "vec16")
 
-    def __init__(self, attention_layers, block_table, batch_index: np.ndarray, context_len: int):
+    def __init__(
+        self,
+        attention_layers,
+        block_table,
+        batch_index: np.ndarray,
+        context_len: int,
+        room: int,
+        workspace: "KVWorkspace",
+    ):
         self.attention_layers = attention_layers
-        block_size = block_table.block_size
-        slots = ops.paged_slots(  # [N, L], positions 0..context_len-1 of each request
+        self.block_size = block_table.block_size
+        self.slots = ops.paged_slots(  # [N, L], positions 0..context_len-1 of each request
             torch.from_numpy(block_table.block_table.np),
             torch.from_numpy(batch_index),
             torch.zeros(len(batch_index), dtype=torch.long),
             context_len,
-            block_size,
+            self.block_size,
         )
-        self.blocks = slots // block_size  # [N, L]
-        self.offsets = slots % block_size  # [N, L]
-        self.block_size = block_size
+        self.length = context_len + room
+        self.workspace = workspace
 
     def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        attention = self.attention_layers[layer]
-        isa = getattr(attention, "isa", "vec")
-        if isa not in self.SUPPORTED_ISAS:
-            raise RuntimeError(f"KV-cache layout of CPU attention ISA {isa!r} is not supported")
-        keys, values = split_cpu_kv_cache(attention.kv_cache, self.block_size)
-        # Advanced indices on two dims: the result is [N, L, kv_heads, head_dim].
-        keys = keys[self.blocks, :, :, self.offsets]
-        values = values[self.blocks, :, self.offsets, :]
-        return keys.transpose(1, 2), values.transpose(1, 2)
+        """[N, kv_heads, context_len + room, head_dim] keys and values, after RoPE; valid until
+        the next layer's call."""
+        cache = _cpu_kv_cache(self.attention_layers[layer], self.block_size)
+        heads, head_dim = cache.shape[1], cache.shape[3] // 2
+        shape = (len(self.slots), heads, self.length, head_dim)
+        keys, values = self.workspace.buffers(shape, cache.dtype)
+        ops.gather_paged_kv(cache, self.slots, keys, values)
+        return keys, values
 
 
-def split_cpu_kv_cache(cache: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of one layer's CPU KV cache: keys [blocks, heads, head_dim, block_size] and values
-    [blocks, heads, block_size, head_dim]."""
-    num_blocks, kv_heads, cache_block_size, head_dim_x2 = cache.shape
-    if cache_block_size != block_size:
+class KVWorkspace:
+    """Memory for one layer's gathered K/V, kept from layer to layer and pass to pass: a fresh
+    buffer of megabytes costs more in page faults than filling it."""
+
+    def __init__(self):
+        self.memory = torch.empty(0)
+
+    def buffers(
+        self, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two contiguous tensors of `shape` (keys, values), valid until the next call."""
+        numel = math.prod(shape)
+        if self.memory.dtype != dtype or self.memory.numel() < 2 * numel:
+            self.memory = torch.empty(2 * numel, dtype=dtype)
+        return self.memory[:numel].view(shape), self.memory[numel : 2 * numel].view(shape)
+
+
+def _cpu_kv_cache(attention, block_size: int) -> torch.Tensor:
+    isa = getattr(attention, "isa", "vec")
+    if isa not in PagedContext.SUPPORTED_ISAS:
+        raise RuntimeError(f"KV-cache layout of CPU attention ISA {isa!r} is not supported")
+    cache = attention.kv_cache
+    if cache.shape[2] != block_size:
         raise RuntimeError(
-            f"KV cache block size {cache_block_size} differs from the block table's "
+            f"KV cache block size {cache.shape[2]} differs from the block table's "
             f"{block_size}; the PTP drafter needs them equal"
         )
-    head_dim = head_dim_x2 // 2
-    halves = cache.view(num_blocks, kv_heads, 2, block_size * head_dim)
-    keys = halves[:, :, 0].view(num_blocks, kv_heads, head_dim, block_size)
-    values = halves[:, :, 1].view(num_blocks, kv_heads, block_size, head_dim)
-    return keys, values
+    return cache
 
 
 def _check_drafts(

@@ -445,6 +445,81 @@ at::Tensor paged_slots(const at::Tensor& block_table, const at::Tensor& batch_in
   return slots;
 }
 
+// Context K/V of N requests in one layer, gathered from vLLM's paged CPU KV cache into keys and
+// values [N, kv_heads, length, head_dim] (length >= positions). The cache is [blocks, kv_heads,
+// block_size, 2 * head_dim]: per block and head the keys dimension-major ([head_dim,
+// block_size]), then the values ([block_size, head_dim]). Slot -1 (past the block table) reads
+// as zeros; positions past the slots are left as they are (room for the pass's own rows). The
+// outputs are the caller's, reused from layer to layer and pass to pass: a fresh buffer costs
+// more in page faults than the copy itself.
+void gather_paged_kv(const at::Tensor& cache, const at::Tensor& slots, at::Tensor& keys,
+                     at::Tensor& values) {
+  TORCH_CHECK(cache.dim() == 4 && cache.size(3) % 2 == 0 && cache.is_contiguous() &&
+              cache.device().is_cpu(), "cache must be a contiguous CPU tensor [blocks, kv_heads, "
+              "block_size, 2 * head_dim]");
+  TORCH_CHECK(slots.dim() == 2 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "slots must be contiguous int64 [N, positions]");
+  const int64_t num = slots.size(0), positions = slots.size(1);
+  const int64_t num_blocks = cache.size(0), heads = cache.size(1), block_size = cache.size(2);
+  const int64_t head_dim = cache.size(3) / 2;
+  for (const at::Tensor* out : {&keys, &values}) {
+    TORCH_CHECK(out->dim() == 4 && out->size(0) == num && out->size(1) == heads &&
+                out->size(2) >= positions && out->size(3) == head_dim && out->is_contiguous() &&
+                out->scalar_type() == cache.scalar_type(),
+                "keys and values must be contiguous [N, kv_heads, >= positions, head_dim] in the "
+                "cache's dtype");
+  }
+  const int64_t length = keys.size(2);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.numel(); ++i) {
+    TORCH_CHECK(slot[i] >= -1 && slot[i] < num_blocks * block_size, "slot ", slot[i],
+                " outside the cache of ", num_blocks * block_size, " slots");
+  }
+  dispatch_float(cache.scalar_type(), "cache", [&](auto type) {
+    using T = decltype(type);
+    const T* cache_data = cache.data_ptr<T>();
+    T* key_out = keys.data_ptr<T>();
+    T* value_out = values.data_ptr<T>();
+    const int64_t head_stride = 2 * block_size * head_dim, block_stride = heads * head_stride;
+    // One task per (request, head): its positions are one contiguous output run.
+    at::parallel_for(0, num * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const T* head_cache = cache_data + task % heads * head_stride;
+        const int64_t* request_slots = slot + task / heads * positions;
+        T* k_row = key_out + task * length * head_dim;  // this task's [length, head_dim]
+        T* v_row = value_out + task * length * head_dim;
+        for (int64_t j = 0; j < positions;) {
+          const int64_t s = request_slots[j];
+          if (s < 0) {
+            std::fill(k_row + j * head_dim, k_row + (j + 1) * head_dim, T(0));
+            std::fill(v_row + j * head_dim, v_row + (j + 1) * head_dim, T(0));
+            ++j;
+            continue;
+          }
+          // A run of consecutive slots in one block: its keys are one [head_dim, run] tile of
+          // the block's [head_dim, block_size] keys, read row by row (contiguous) and written
+          // transposed; its values are one contiguous [run, head_dim] copy.
+          const int64_t offset = s % block_size;
+          int64_t run = 1;
+          while (j + run < positions && offset + run < block_size &&
+                 request_slots[j + run] == s + run) {
+            ++run;
+          }
+          const T* block = head_cache + (s / block_size) * block_stride;
+          T* keys_at = k_row + j * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            const T* key_dim = block + d * block_size + offset;
+            for (int64_t t = 0; t < run; ++t) keys_at[t * head_dim + d] = key_dim[t];
+          }
+          std::copy_n(block + block_size * head_dim + offset * head_dim, run * head_dim,
+                      v_row + j * head_dim);
+          j += run;
+        }
+      }
+    });
+  });
+}
+
 std::string cpu_isa() { return active_isa(); }
 
 void set_cpu_isa(const std::string& isa) {
@@ -470,6 +545,7 @@ TORCH_LIBRARY(vllm_ptp, m) {
         "Tensor min_p, Tensor u, Tensor draft_tokens, Tensor num_drafts) -> (Tensor, Tensor)");
   m.def("paged_slots(Tensor block_table, Tensor batch_index, Tensor start, int num_positions, "
         "int block_size) -> Tensor");
+  m.def("gather_paged_kv(Tensor cache, Tensor slots, Tensor(a!) keys, Tensor(b!) values) -> ()");
   // Test hooks: the CUDA kernel's block algorithm run on the host; the CPU ISA in use.
   m.def("emulated_cuda_sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
         "Tensor min_p, Tensor u, int threads_per_block) -> Tensor");
@@ -483,6 +559,7 @@ TORCH_LIBRARY_IMPL(vllm_ptp, CPU, m) {
   m.impl("sample", &sample);
   m.impl("sample_and_verify", &sample_and_verify);
   m.impl("paged_slots", &paged_slots);
+  m.impl("gather_paged_kv", &gather_paged_kv);
   m.impl("emulated_cuda_sample", &emulated_cuda_sample);
 }
 

@@ -76,6 +76,9 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
     assert no_lookup.name == "ptp-k8-no-lookup"
     assert no_lookup.environment == {"VLLM_PTP_PROMPT_LOOKUP": "off"}
     assert parse_speculator("ptp:k=8,lookup=1", {"ptp": tmp_path}).environment == {}
+    no_copy = parse_speculator("ptp:k=8,copy=0", {"ptp": tmp_path})
+    assert no_copy.name == "ptp-k8-no-copy-runs"
+    assert no_copy.environment == {"VLLM_PTP_COPY_RUNS": "off"}
     with pytest.raises(ValueError, match="greedy-bN"):
         Mode.parse("beam-b2")
     with pytest.raises(ValueError, match="must be `none`"):

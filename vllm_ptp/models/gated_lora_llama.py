@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_ptp.config import PTPConfig
-from vllm_ptp.models.quantized import Int8Linear
+from vllm_ptp.models.quantized import Bf16Linear, Int8Linear
 from vllm_ptp.models.target import Projection, TargetLayer, TargetView
 
-# layer index -> (keys, values), each [sequences, kv_heads, context_len, head_dim], after RoPE.
+# layer index -> (keys, values), each [sequences, kv_heads, context_len, head_dim], after RoPE;
+# or [.., context_len + Q, ..] with room for the pass's Q rows, which the layer then writes there.
 ContextKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 # (x, gate) -> a projection group's fused output with the gated adapters added.
 GatedProjection = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -175,9 +176,9 @@ class AdaptedProjection:
 def adapted_projection(
     base: Projection, adapter: GroupAdapter | None, scaling: float
 ) -> GatedProjection:
-    """`AdaptedProjection`, or for int8 draft weights the same map with A fused into the base
+    """`AdaptedProjection`, or for compact draft weights the same map with A fused into the base
     GEMM (serving only: the fused copy is no longer a view of the trainable parameters)."""
-    if adapter is not None and isinstance(base, Int8Linear):
+    if adapter is not None and isinstance(base, (Bf16Linear, Int8Linear)):
         return base.fused_with(adapter.lora_A, adapter.lora_B * scaling)
     return AdaptedProjection(base, adapter, scaling)
 
@@ -384,9 +385,13 @@ class GatedLoraDrafter(nn.Module):
         qkv = project["qkv"](x, gate).view(n, q_len, heads + 2 * kv_heads, target.head_dim)
         qk = _apply_rope(qkv[:, :, : heads + kv_heads], cos, signed_sin).transpose(1, 2)
         v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        context_k, context_v = context_kv
-        keys = torch.cat((context_k.to(qk.dtype), qk[:, heads:]), dim=2)
-        values = torch.cat((context_v.to(v.dtype), v), dim=2)
+        keys, values = context_kv
+        context_len = mask.shape[-1] - q_len
+        if keys.shape[2] == context_len + q_len and keys.dtype == qk.dtype:
+            keys[:, :, context_len:], values[:, :, context_len:] = qk[:, heads:], v
+        else:
+            keys = torch.cat((keys.to(qk.dtype), qk[:, heads:]), dim=2)
+            values = torch.cat((values.to(v.dtype), v), dim=2)
         attn = F.scaled_dot_product_attention(
             qk[:, :heads], keys, values, attn_mask=mask, enable_gqa=True
         )

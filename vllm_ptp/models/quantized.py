@@ -1,26 +1,42 @@
-"""A compact copy of the target's projections for the drafter (CPU): int8 (bf16 for down_proj
-where the CPU has bf16 GEMMs).
+"""Compact copies of the target's projections for the drafter (CPU): bf16 or int8.
 
 A drafter pass reads all of the target's weights for a few rows, like the verification pass.
 Drafts only need to be good, not exact (verification is), so the drafter reads a compact copy:
-per-channel int8 weights with dynamically quantized activations (fbgemm), 4x fewer bytes and
-GEMMs 2-3x faster than fp32 at a pass's 9 rows. down_proj's input (SiLU(gate) * up) has outlier
-channels that fbgemm's per-tensor 7-bit activations round hardest, so where bf16 GEMMs exist it
-gets bf16, which keeps a float exponent. On SmolLM2 in 9-row passes over cached context, top-1
-agreement with the fp32 target was 0.897 with down_proj in fp32 and 0.889 with it in int8
-(README, "How the drafter runs"), while the fp32 down_proj took about a sixth of the pass.
+- `bf16`: every projection in bf16 through vLLM's prepacked oneDNN GEMM (`onednn_mm`), where
+  the CPU has native bf16 GEMMs (AVX-512 BF16 / AMX). Half the bytes of fp32 and rounding far
+  below a CDF boundary's typical margin.
+- `int8`: per-channel int8 weights with dynamically quantized activations (fbgemm), for CPUs
+  without bf16 GEMMs. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations
+  move the argmax now and then (down_proj's input, SiLU(gate) * up, has outlier channels).
+Each group's LoRA A matrices can be stacked under the copy's weight (`fused_with`), so one GEMM
+gives both the projection and the adapters' low-rank input.
 The copy is made from the projections as served, by applying each to the identity (exact for a
 linear map), so it needs no access to vLLM's packed weight formats or to the checkpoint files.
 """
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+from vllm import _custom_ops as vllm_ops
 
 from vllm_ptp.models.target import TargetLayer, TargetView
 
 _QINT8_MAX = 127
+# oneDNN primitives cached per handler (one per distinct row count, as vLLM's own linears).
+_ONEDNN_PRIMITIVE_CACHE = 32
+COMPACT_FORMATS = ("bf16", "int8")
+
+
+def has_bf16_gemms() -> bool:
+    """Native bf16 GEMMs through vLLM's oneDNN build (emulated bf16 would be slower)."""
+    return vllm_ops._supports_onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class CompactLinear(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear": ...
 
 
 class Int8Linear:
@@ -38,19 +54,35 @@ class Int8Linear:
         out = torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
         return out.to(x.dtype)
 
-    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "Int8LoraLinear":
-        """This map plus a gated low-rank update x -> ((x A^T) * gate) B^T, with A's rows
-        quantized under W's (one GEMM for both). Per-channel scales make W's rows re-quantize
-        to the same int8 values (scales equal up to rounding) and x is quantized once for
-        both, so rows with the gate off get this map's output."""
+    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear":
+        """This map plus a gated low-rank update, with A's rows quantized under W's. Per-channel
+        scales make W's rows re-quantize to the same int8 values (scales equal up to rounding)
+        and x is quantized once for both, so rows with the gate off get this map's output."""
         weight = torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
-        return Int8LoraLinear(Int8Linear(torch.cat((weight, lora_A.float()))), lora_B)
+        return LoraFusedLinear(Int8Linear(torch.cat((weight, lora_A.float()))), lora_B)
 
 
-class Int8LoraLinear:
-    """An Int8Linear over [W; A] and a dense B (scaling folded in), called as (x, gate)."""
+class Bf16Linear:
+    """y = x W^T with W in bf16, prepacked for oneDNN once; x is rounded to bf16 per call."""
 
-    def __init__(self, stacked: Int8Linear, lora_B: torch.Tensor):
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.bfloat16()  # kept to stack adapters under it (fused_with)
+        self.handler = vllm_ops.create_onednn_mm(self.weight.t(), _ONEDNN_PRIMITIVE_CACHE)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return vllm_ops.onednn_mm(self.handler, x.bfloat16(), None).to(x.dtype)
+
+    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear":
+        """This map plus a gated low-rank update, A's rows stacked under W's in bf16."""
+        return LoraFusedLinear(Bf16Linear(torch.cat((self.weight, lora_A.bfloat16()))), lora_B)
+
+
+class LoraFusedLinear:
+    """A compact linear over [W; A] and a dense B (scaling folded in), called as (x, gate):
+    x W^T + ((x A^T) * gate) B^T. B stays in the activations' dtype: at rank 32 its GEMMs are
+    faster as one torch addmm than through oneDNN in bf16."""
+
+    def __init__(self, stacked: CompactLinear, lora_B: torch.Tensor):
         self.stacked = stacked
         self.lora_B_t = lora_B.T.contiguous()
         self.out_features = len(lora_B)
@@ -61,53 +93,44 @@ class Int8LoraLinear:
         return torch.addmm(base, low * gate, self.lora_B_t)
 
 
-class Bf16Linear:
-    """y = x W^T in bf16 (oneDNN), returned in the input's dtype."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight.bfloat16()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.bfloat16(), self.weight).to(x.dtype)
-
-
 def _recover_weight(projection: Callable, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """W of a linear map from its action on I."""
     return projection(torch.eye(in_features, dtype=dtype)).T.contiguous()
 
 
-def int8_view(
-    target: TargetView, hidden_size: int, intermediate_size: int, layers: range
+def compact_view(
+    target: TargetView, weight_format: str, hidden_size: int, intermediate_size: int, layers: range
 ) -> TargetView:
-    """The same target with its projections and LM head replaced by Int8Linears (down_proj by
-    a Bf16Linear where the CPU has bf16 GEMMs), in the given layers (the ones the drafter runs;
-    the others are left as served)."""
+    """The same target with its projections and LM head replaced by compact copies in
+    `weight_format`, in the given layers (the ones the drafter runs; the others are left as
+    served)."""
+    if weight_format not in COMPACT_FORMATS:
+        raise ValueError(f"compact weight format {weight_format!r} is not one of {COMPACT_FORMATS}")
+    if weight_format == "bf16" and not has_bf16_gemms():
+        raise ValueError("bf16 draft weights need a CPU with bf16 GEMMs (AVX-512 BF16 or AMX); "
+                         "use int8")
+    linear = Bf16Linear if weight_format == "bf16" else Int8Linear
     q_size = target.num_heads * target.head_dim
 
-    def quantize(projection: Callable, in_features: int) -> Int8Linear:
-        return Int8Linear(_recover_weight(projection, in_features, target.dtype))
+    def compact(projection: Callable, in_features: int) -> CompactLinear:
+        return linear(_recover_weight(projection, in_features, target.dtype))
 
-    def down_proj(projection: Callable) -> Callable:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return quantize(projection, intermediate_size)  # emulated bf16 would be slow
-        return Bf16Linear(_recover_weight(projection, intermediate_size, target.dtype))
-
-    def compact(layer: TargetLayer) -> TargetLayer:
+    def compact_layer(layer: TargetLayer) -> TargetLayer:
         return TargetLayer(
             input_norm=layer.input_norm,
-            qkv=quantize(layer.qkv, hidden_size),
-            o_proj=quantize(layer.o_proj, q_size),
+            qkv=compact(layer.qkv, hidden_size),
+            o_proj=compact(layer.o_proj, q_size),
             post_norm=layer.post_norm,
-            gate_up=quantize(layer.gate_up, hidden_size),
-            down_proj=down_proj(layer.down_proj),
+            gate_up=compact(layer.gate_up, hidden_size),
+            down_proj=compact(layer.down_proj, intermediate_size),
         )
 
     with torch.inference_mode():
         compact_layers = [
-            compact(layer) if index in layers else layer
+            compact_layer(layer) if index in layers else layer
             for index, layer in enumerate(target.layers)
         ]
-        lm_head = quantize(target.lm_head, hidden_size)
+        lm_head = compact(target.lm_head, hidden_size)
     return TargetView(
         embed_tokens=target.embed_tokens,
         layers=compact_layers,
