@@ -5,7 +5,8 @@ the first draft (at full depth with adapters off, so it is the target itself), a
 rows carrying u(seed, position) for the next k tokens (adapters on).
 Context K/V are read straight from the target's paged KV cache; nothing is written to it, so no
 extra KV slots are reserved and the next verification step sees the cache unchanged.
-Where the text repeats, drafts after the first are copied from the context instead (lookup.py).
+Where the text repeats, drafts after the first are copied from the context instead, and while a
+request's copies keep being accepted it skips the drafter altogether (copy runs, lookup.py).
 """
 
 import math

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
+from benchmarks.specbench import Mode, load_questions, output_checks, parse_speculator, run_bench
 from benchmarks.specbench_report import write_results
 
 pytestmark = pytest.mark.e2e
@@ -83,3 +83,14 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
         Mode.parse("beam-b2")
     with pytest.raises(ValueError, match="must be `none`"):
         run_bench("unused", [], [parse_speculator("ptp", {"ptp": tmp_path})], [], 8)
+
+
+def test_output_checks_locate_each_differing_turn(tmp_path):
+    speculators = [parse_speculator(s, {"ptp": tmp_path}) for s in ("none", "ptp")]
+    reference = {(1, 0): [5, 6, 7], (2, 0): [8, 9], (2, 1): [3]}
+    ours = {(1, 0): [5, 6, 7], (2, 0): [8, 4], (2, 1): [3, 3]}
+    outputs = {("no-spec", "greedy-b1"): reference, ("ptp-k8", "greedy-b1"): ours}
+    [check] = output_checks(outputs, speculators, [Mode.parse("greedy-b1")])
+    assert check["identical"] == 1 and check["total"] == 3
+    assert check["differences"] == [{"question_id": 2, "turn": 0, "token": 1},
+                                    {"question_id": 2, "turn": 1, "token": 1}]
