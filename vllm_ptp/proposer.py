@@ -94,7 +94,7 @@ class PTPProposer:
         # the position before its newest token, set by the runner each step.
         self.previous_hidden: torch.Tensor | None = None
         self.prompt_lookup = lookup.prompt_lookup_setting()
-        self.copy_runs = self.prompt_lookup != "off" and lookup.copy_runs_setting()
+        self.copy_runs = lookup.copy_runs_setting() and self.prompt_lookup != "off"
         # Requests whose latest drafts (after the first, or all of them in a copy run) came from
         # prompt lookup, not the drafter, and how many drafts they got.
         self.lookup_requests: dict[str, int] = {}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm_ptp.config import PTPConfig
-from vllm_ptp.models.quantized import Bf16Linear, Int8Linear
+from vllm_ptp.models.quantized import CompactLinear
 from vllm_ptp.models.target import Projection, TargetLayer, TargetView
 
 # layer index -> (keys, values), each [sequences, kv_heads, context_len, head_dim], after RoPE;
@@ -178,7 +178,7 @@ def adapted_projection(
 ) -> GatedProjection:
     """`AdaptedProjection`, or for compact draft weights the same map with A fused into the base
     GEMM (serving only: the fused copy is no longer a view of the trainable parameters)."""
-    if adapter is not None and isinstance(base, (Bf16Linear, Int8Linear)):
+    if adapter is not None and isinstance(base, CompactLinear):
         return base.fused_with(adapter.lora_A, adapter.lora_B * scaling)
     return AdaptedProjection(base, adapter, scaling)
 
@@ -390,8 +390,8 @@ class GatedLoraDrafter(nn.Module):
         if keys.shape[2] == context_len + q_len and keys.dtype == qk.dtype:
             keys[:, :, context_len:], values[:, :, context_len:] = qk[:, heads:], v
         else:
-            keys = torch.cat((keys.to(qk.dtype), qk[:, heads:]), dim=2)
-            values = torch.cat((values.to(v.dtype), v), dim=2)
+            keys = torch.cat((keys[:, :, :context_len].to(qk.dtype), qk[:, heads:]), dim=2)
+            values = torch.cat((values[:, :, :context_len].to(v.dtype), v), dim=2)
         attn = F.scaled_dot_product_attention(
             qk[:, :heads], keys, values, attn_mask=mask, enable_gqa=True
         )

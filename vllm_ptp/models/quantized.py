@@ -15,7 +15,7 @@ linear map), so it needs no access to vLLM's packed weight formats or to the che
 """
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from vllm import _custom_ops as vllm_ops
@@ -33,7 +33,10 @@ def has_bf16_gemms() -> bool:
     return vllm_ops._supports_onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@runtime_checkable
 class CompactLinear(Protocol):
+    """A compact copy of a projection that can take a group's LoRA A into its own GEMM."""
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear": ...
@@ -66,15 +69,18 @@ class Bf16Linear:
     """y = x W^T with W in bf16, prepacked for oneDNN once; x is rounded to bf16 per call."""
 
     def __init__(self, weight: torch.Tensor):
-        self.weight = weight.bfloat16()  # kept to stack adapters under it (fused_with)
-        self.handler = vllm_ops.create_onednn_mm(self.weight.t(), _ONEDNN_PRIMITIVE_CACHE)
+        self.in_features = weight.shape[1]
+        self.handler = vllm_ops.create_onednn_mm(weight.bfloat16().t(), _ONEDNN_PRIMITIVE_CACHE)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return vllm_ops.onednn_mm(self.handler, x.bfloat16(), None).to(x.dtype)
 
     def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear":
-        """This map plus a gated low-rank update, A's rows stacked under W's in bf16."""
-        return LoraFusedLinear(Bf16Linear(torch.cat((self.weight, lora_A.bfloat16()))), lora_B)
+        """This map plus a gated low-rank update, A's rows stacked under W's in bf16. W is read
+        back from the prepacked copy (exact: each output of x = I is one bf16 product), so no
+        second copy of it is kept."""
+        weight = _recover_weight(self, self.in_features, torch.bfloat16)
+        return LoraFusedLinear(Bf16Linear(torch.cat((weight, lora_A.bfloat16()))), lora_B)
 
 
 class LoraFusedLinear:
