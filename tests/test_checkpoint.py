@@ -16,6 +16,7 @@ from vllm_ptp.config import (
     load_ptp_config,
 )
 from vllm_ptp.data import SHIPPED_CHECKPOINT, SHIPPED_INDEPENDENT_CHECKPOINT
+from vllm_ptp.models.gated_lora_llama import GREEDY_U
 
 
 @pytest.fixture
@@ -134,6 +135,8 @@ def test_init_checkpoint_cli_options(target_dir, tmp_path, target):
     "path,reads_u", [(SHIPPED_CHECKPOINT, True), (SHIPPED_INDEPENDENT_CHECKPOINT, False)]
 )
 def test_shipped_checkpoints_load_for_the_testbed(path, reads_u, target):
+    """PTP's auxiliary inputs depend on u and on the greedy marker; the ablation's on neither."""
     drafter = load_checkpoint(path, target, k=8)
-    embedding = drafter.u_embedding(torch.tensor([0.1, 0.9]))
+    embedding = drafter.u_embedding(torch.tensor([0.1, 0.9, GREEDY_U]))
     assert torch.equal(embedding[0], embedding[1]) != reads_u
+    assert torch.equal(embedding[0], embedding[2]) != reads_u

@@ -9,7 +9,7 @@ import torch
 
 from tests.sampling_rows import rows_of
 from vllm_ptp import ops, rng, sampling
-from vllm_ptp.models.gated_lora_llama import UEmbedding
+from vllm_ptp.models.gated_lora_llama import GREEDY_U, UEmbedding
 
 pytestmark = pytest.mark.skipif(not ops.compiled(), reason="compiled ops not built")
 kernels = torch.ops.vllm_ptp
@@ -244,7 +244,7 @@ def test_u_embeddings_written_at_the_auxiliary_slots(kind, size, weight_dtype, o
     ops.reference_write_u_embeddings(expected, 1, embedding, seeds, positions, greedy)
     with torch.no_grad():
         kernels.write_u_embeddings(
-            got, 1, embedding.weight, embedding.greedy, seeds, positions, greedy
+            got, 1, embedding.weight, embedding.greedy_vector, seeds, positions, greedy
         )
     assert torch.equal(got, expected)  # row 0 (the newest token's embedding) untouched too
 
@@ -258,6 +258,13 @@ def test_u_embedding_reference_is_the_drafters_embedding_of_u():
     assert torch.equal(out[0, 1:], embedding(u[0]).detach())
     assert torch.equal(out[1, 1:], embedding.greedy.detach().expand(3, -1))
     assert out[:, 0].abs().sum() == 0
+
+
+def test_ablation_embedding_ignores_u_and_the_greedy_marker():
+    embedding = UEmbedding("constant", 1, 8)
+    u = torch.tensor([[0.0, 0.3, 0.99], [GREEDY_U, GREEDY_U, GREEDY_U]])
+    assert torch.equal(embedding(u).detach(), embedding.weight[0].detach().expand(2, 3, -1))
+    assert set(embedding.state_dict()) == {"weight"}  # no greedy vector to learn or ship
 
 
 # ---- paged KV-cache slots ----------------------------------------------------------------------

@@ -95,7 +95,7 @@ def write_u_embeddings(
         reference_write_u_embeddings(out, first_slot, u_embedding, seeds, positions, greedy)
         return
     torch.ops.vllm_ptp.write_u_embeddings(
-        out, first_slot, u_embedding.weight.detach(), u_embedding.greedy.detach(),
+        out, first_slot, u_embedding.weight.detach(), u_embedding.greedy_vector.detach(),
         seeds.long(), positions.long(), greedy.bool(),
     )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm import _custom_ops as vllm_ops
 
 from vllm_ptp.config import PTPConfig
 from vllm_ptp.models.quantized import CompactLinear
@@ -70,30 +71,37 @@ class UEmbedding(nn.Module):
     """u in [0, 1) -> hidden vector, by linear interpolation between learned vectors.
 
     Greedy requests have no u: they are marked with GREEDY_U and get a learned vector of their
-    own, so one checkpoint serves greedy and sampled decoding. kind="constant" ignores u (one
-    vector): the independent-parallel-drafting ablation.
+    own, so one checkpoint serves greedy and sampled decoding. kind="constant" ignores u
+    altogether, the greedy marker included (one vector): the independent-parallel-drafting
+    ablation, whose placeholders, like PARD's mask tokens, cannot tell how a request samples.
     """
 
     def __init__(self, kind: str, size: int, hidden_size: int):
         super().__init__()
         num_vectors = size if kind == "interpolated" else 1
         self.weight = nn.Parameter(torch.randn(num_vectors, hidden_size) * 0.02)
-        self.greedy = nn.Parameter(torch.randn(hidden_size) * 0.02)
+        self.greedy = (
+            nn.Parameter(torch.randn(hidden_size) * 0.02) if kind == "interpolated" else None
+        )
+
+    @property
+    def greedy_vector(self) -> torch.Tensor:
+        """What a greedy request's auxiliary rows get."""
+        return self.weight[0] if self.greedy is None else self.greedy
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         num_vectors = self.weight.shape[0]
         if num_vectors == 1:
-            sampled = self.weight[0].expand(*u.shape, -1)
-        else:
-            scaled = u.float().clamp(0.0, 1.0) * (num_vectors - 1)
-            lower = scaled.floor().long().clamp_(max=num_vectors - 1)
-            upper = (lower + 1).clamp_(max=num_vectors - 1)
-            frac = (scaled - lower).unsqueeze(-1)
-            # low + frac * (high - low) in float32, one rounded op at a time (no torch.lerp,
-            # whose FMA use varies by path), so csrc/ reproduces it bit for bit.
-            weight = self.weight.float()
-            low = weight[lower]
-            sampled = (low + frac * (weight[upper] - low)).to(self.weight.dtype)
+            return self.weight[0].expand(*u.shape, -1)
+        scaled = u.float().clamp(0.0, 1.0) * (num_vectors - 1)
+        lower = scaled.floor().long().clamp_(max=num_vectors - 1)
+        upper = (lower + 1).clamp_(max=num_vectors - 1)
+        frac = (scaled - lower).unsqueeze(-1)
+        # low + frac * (high - low) in float32, one rounded op at a time (no torch.lerp,
+        # whose FMA use varies by path), so csrc/ reproduces it bit for bit.
+        weight = self.weight.float()
+        low = weight[lower]
+        sampled = (low + frac * (weight[upper] - low)).to(self.weight.dtype)
         return torch.where((u < 0).unsqueeze(-1), self.greedy, sampled)
 
 
@@ -136,11 +144,17 @@ PROJECTION_GROUPS = {
 @dataclass
 class GroupAdapter:
     """The adapters of one projection group as one low-rank update of the fused output: their
-    A's stacked [P * r, in] and their B's block-diagonal [out, P * r], with zero rows for the
-    projections that have none. At a drafter pass's few rows, calls cost more than FLOPs."""
+    A's stacked [P * r, in] and their B's, one per projection in output order ([out_i, r], or
+    [out_i, 0] for a projection without one). At a drafter pass's few rows, calls cost more
+    than FLOPs."""
 
     lora_A: torch.Tensor
-    lora_B: torch.Tensor
+    lora_Bs: list[torch.Tensor]
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """The B's as one block-diagonal [out, P * r]."""
+        return torch.block_diag(*self.lora_Bs)
 
     @classmethod
     def of(
@@ -154,7 +168,7 @@ class GroupAdapter:
             adapters[name].lora_B if name in adapters else empty(shapes[name][1], 0)
             for name in names
         ]
-        return cls(torch.cat([a.lora_A for a in present]), torch.block_diag(*b_blocks))
+        return cls(torch.cat([a.lora_A for a in present]), b_blocks)
 
 
 class AdaptedProjection:
@@ -179,7 +193,7 @@ def adapted_projection(
     """`AdaptedProjection`, or for compact draft weights the same map with A fused into the base
     GEMM (serving only: the fused copy is no longer a view of the trainable parameters)."""
     if adapter is not None and isinstance(base, CompactLinear):
-        return base.fused_with(adapter.lora_A, adapter.lora_B * scaling)
+        return base.fused_with(adapter.lora_A, [b * scaling for b in adapter.lora_Bs])
     return AdaptedProjection(base, adapter, scaling)
 
 
@@ -200,7 +214,13 @@ def lora_shapes(config: PTPConfig) -> dict[str, tuple[int, int]]:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, weight.shape, weight, eps)
+    if torch.is_grad_enabled():
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # Without autograd, vLLM's one-kernel RMSNorm: F.rms_norm launches five kernels, which at a
+    # drafter pass's few rows cost more than the arithmetic.
+    out = torch.empty_like(x)
+    vllm_ops.rms_norm(out, x.contiguous(), weight, eps)
+    return out
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,9 @@ class CompactLinear(Protocol):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
-    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear": ...
+    def fused_with(
+        self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]
+    ) -> "LoraFusedLinear": ...
 
 
 class Int8Linear:
@@ -57,12 +59,12 @@ class Int8Linear:
         out = torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
         return out.to(x.dtype)
 
-    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear":
+    def fused_with(self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]) -> "LoraFusedLinear":
         """This map plus a gated low-rank update, with A's rows quantized under W's. Per-channel
         scales make W's rows re-quantize to the same int8 values (scales equal up to rounding)
         and x is quantized once for both, so rows with the gate off get this map's output."""
         weight = torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
-        return LoraFusedLinear(Int8Linear(torch.cat((weight, lora_A.float()))), lora_B)
+        return LoraFusedLinear(Int8Linear(torch.cat((weight, lora_A.float()))), lora_Bs)
 
 
 class Bf16Linear:
@@ -75,28 +77,43 @@ class Bf16Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return vllm_ops.onednn_mm(self.handler, x.bfloat16(), None).to(x.dtype)
 
-    def fused_with(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> "LoraFusedLinear":
+    def fused_with(self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]) -> "LoraFusedLinear":
         """This map plus a gated low-rank update, A's rows stacked under W's in bf16. W is read
         back from the prepacked copy (exact: each output of x = I is one bf16 product), so no
         second copy of it is kept."""
         weight = _recover_weight(self, self.in_features, torch.bfloat16)
-        return LoraFusedLinear(Bf16Linear(torch.cat((weight, lora_A.bfloat16()))), lora_B)
+        return LoraFusedLinear(Bf16Linear(torch.cat((weight, lora_A.bfloat16()))), lora_Bs)
 
 
 class LoraFusedLinear:
-    """A compact linear over [W; A] and a dense B (scaling folded in), called as (x, gate):
+    """A compact linear over [W; A] and the group's B's (scaling folded in), called as (x, gate):
     x W^T + ((x A^T) * gate) B^T. B stays in the activations' dtype: at rank 32 its GEMMs are
-    faster as one torch addmm than through oneDNN in bf16."""
+    faster as torch addmm than through oneDNN in bf16. One addmm per projection that has an
+    adapter, on its own output columns: the block-diagonal B of a group is mostly zeros (two
+    thirds for qkv), and at a pass's few rows reading B is the cost."""
 
-    def __init__(self, stacked: CompactLinear, lora_B: torch.Tensor):
+    def __init__(self, stacked: CompactLinear, lora_Bs: list[torch.Tensor]):
         self.stacked = stacked
-        self.lora_B_t = lora_B.T.contiguous()
-        self.out_features = len(lora_B)
+        self.out_features = sum(len(b) for b in lora_Bs)
+        self.updates: list[tuple[slice, slice, torch.Tensor]] = []  # columns, ranks, B^T
+        column = rank = 0
+        for lora_B in lora_Bs:
+            out_features, lora_rank = lora_B.shape
+            if lora_rank:
+                self.updates.append((
+                    slice(column, column + out_features),
+                    slice(rank, rank + lora_rank),
+                    lora_B.T.contiguous(),
+                ))
+            column, rank = column + out_features, rank + lora_rank
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = self.stacked(x)
-        base, low = out[:, : self.out_features], out[:, self.out_features :]
-        return torch.addmm(base, low * gate, self.lora_B_t)
+        base, low = out[:, : self.out_features], out[:, self.out_features :] * gate
+        # In place: the projection is a strided view of the GEMM's output, not a fresh copy.
+        for columns, ranks, lora_B_t in self.updates:
+            base[:, columns].addmm_(low[:, ranks], lora_B_t)
+        return base
 
 
 def _recover_weight(projection: Callable, in_features: int, dtype: torch.dtype) -> torch.Tensor:

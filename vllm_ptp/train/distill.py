@@ -261,7 +261,8 @@ def _init_inputs(drafter: GatedLoraDrafter, model, sequences: list[Sequence]) ->
         mean = wanted.mean(0)
         embedding = drafter.u_embedding
         embedding.weight.copy_(mean + 0.1 * mean.std() * torch.randn_like(embedding.weight))
-        embedding.greedy.copy_(mean + 0.1 * mean.std() * torch.randn_like(mean))
+        if embedding.greedy is not None:
+            embedding.greedy.copy_(mean + 0.1 * mean.std() * torch.randn_like(mean))
         if drafter.token_row_fc is not None:
             x = torch.cat(inputs).double()
             ridge = INIT_RIDGE * x.square().sum(0).mean()
