@@ -178,13 +178,16 @@ class AdaptedProjection:
 
     def __init__(self, base: Projection, adapter: GroupAdapter | None, scaling: float):
         self.base, self.adapter, self.scaling = base, adapter, scaling
+        # Assembled once: a served drafter keeps this projection for every pass (training
+        # builds a new one per forward, so gradients still reach each B).
+        self.lora_B = adapter.lora_B if adapter is not None else None
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.adapter is None:
             return out
         low = F.linear(x, self.adapter.lora_A) * gate
-        return torch.addmm(out, low, self.adapter.lora_B.T, alpha=self.scaling)
+        return torch.addmm(out, low, self.lora_B.T, alpha=self.scaling)
 
 
 def adapted_projection(
