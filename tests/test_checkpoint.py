@@ -16,7 +16,7 @@ from vllm_ptp.config import (
     load_ptp_config,
 )
 from vllm_ptp.data import SHIPPED_CHECKPOINT, SHIPPED_INDEPENDENT_CHECKPOINT
-from vllm_ptp.models.gated_lora_llama import GREEDY_U
+from vllm_ptp.rng import GREEDY_U
 
 
 @pytest.fixture

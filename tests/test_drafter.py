@@ -11,6 +11,7 @@ from vllm_ptp.models.gated_lora_llama import (
     AdaptedProjection,
     DraftQuery,
     GroupAdapter,
+    KVContext,
     adapted_projection,
     draft_query,
 )
@@ -49,7 +50,8 @@ def run_rows(drafter, hf_target, ids, context_len, lora_gate):
             context_mask=torch.ones(1, rows, context_len, dtype=torch.bool),
         )
         return drafter.logits(
-            drafter(query, lambda i: (cache.layers[i].keys, cache.layers[i].values))
+            drafter(query, KVContext(lambda i: (cache.layers[i].keys, cache.layers[i].values),
+                                     drafter.target.num_heads))
         )[0]
 
 
@@ -117,7 +119,7 @@ def test_shallow_drafter_reads_its_top_layers_and_the_previous_hidden_state(
             token_row = drafter.token_row(hf_target.model.embed_tokens(ids[:, -1]), previous_hidden)
             embeds = torch.cat((token_row[:, None], drafter.u_embedding(torch.rand(1, 3))), dim=1)
             query = draft_query(embeds, torch.tensor([6]), 6, drafter.adapts_token_row)
-            return drafter.logits(drafter(query, context))
+            return drafter.logits(drafter(query, KVContext(context, drafter.target.num_heads)))
 
         logits = draft(out.hidden_states[-1][:, -1])
         assert read[:4] == [26, 27, 28, 29]

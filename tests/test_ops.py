@@ -9,7 +9,8 @@ import torch
 
 from tests.sampling_rows import rows_of
 from vllm_ptp import ops, rng, sampling
-from vllm_ptp.models.gated_lora_llama import GREEDY_U, UEmbedding
+from vllm_ptp.models.gated_lora_llama import UEmbedding
+from vllm_ptp.rng import GREEDY_U
 
 pytestmark = pytest.mark.skipif(not ops.compiled(), reason="compiled ops not built")
 kernels = torch.ops.vllm_ptp
@@ -285,3 +286,39 @@ def test_paged_slots_match_block_table_indexing(block_size):
     assert got[1, 0] == table[0, 5 // block_size] * block_size + 5 % block_size
     assert (got[2, 3:] == -1).all() and (got[2, :3] >= 0).all()
     assert ops.paged_slots(table, batch_index[:0], start[:0], 4, block_size).shape == (0, 4)
+
+
+# ---- gated LoRA expand (the compact drafter GEMM's epilogue) ------------------------------------
+
+
+@pytest.mark.parametrize("stacked_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 9, 72])
+def test_gated_lora_expand_matches_reference(isa, stacked_dtype, b_dtype, rows):
+    """Projections with and without a B (column 0..100 has none), odd widths, gate 0/1 rows."""
+    torch.manual_seed(rows)
+    widths, ranks = [100, 576, 77, 1536], [0, 32, 8, 32]
+    out_features, total_rank = sum(widths), sum(ranks)
+    stacked = torch.randn(rows, out_features + total_rank).to(stacked_dtype)
+    gate = (torch.rand(rows) < 0.7).float()
+    gate[0] = 0.0  # the newest token's row: adapters off
+    lora_Bs_t, columns, rank_starts = [], [], []
+    column = rank = 0
+    for width, lora_rank in zip(widths, ranks):
+        if lora_rank:
+            lora_Bs_t.append((torch.randn(lora_rank, width) * 0.05).to(b_dtype))
+            columns.append(column)
+            rank_starts.append(rank)
+        column, rank = column + width, rank + lora_rank
+    args = (stacked, gate, lora_Bs_t, columns, rank_starts, out_features)
+    got, expected = ops.gated_lora_expand(*args), ops.reference_gated_lora_expand(*args)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    off = gate == 0  # gated-off rows are the GEMM output itself, cast
+    assert torch.equal(got[off], stacked[off, :out_features].float())
+
+
+def test_gated_lora_expand_refuses_overlapping_blocks():
+    b = torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match="overlap"):
+        kernels.gated_lora_expand(torch.zeros(2, 20), torch.ones(2), [b, b], [0, 4], [0, 4], 12)

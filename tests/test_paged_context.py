@@ -1,4 +1,5 @@
-"""The drafter reads context K/V exactly as vLLM's CPU attention op writes them."""
+"""The drafter reads context K/V exactly as vLLM's CPU attention op writes them, and attends
+to them in place as torch's attention would over a gathered copy."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import vllm._custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from vllm_ptp import ops as ptp_ops
-from vllm_ptp.proposer import KVWorkspace, PagedContext
+from vllm_ptp.models.attention import draft_attention
+from vllm_ptp.proposer import PagedContext
 
 
 class Layer:  # the two attributes PagedContext reads from vLLM's Attention layer
@@ -21,35 +23,77 @@ class BlockTable:  # vLLM's BlockTable fields PagedContext reads
         self.block_table = type("Buffer", (), {"np": np.array(rows, dtype=np.int32)})
 
 
+@pytest.fixture(params=["avx512", "scalar"])
+def isa(request):
+    """The fused attention kernel (AVX-512), or gathered K/V and torch's attention."""
+    if not ptp_ops.compiled():
+        pytest.skip("compiled ops not built")
+    kernels = torch.ops.vllm_ptp
+    if request.param == "avx512" and kernels.cpu_isa() != "avx512":
+        pytest.skip("no AVX-512 here")
+    previous = kernels.cpu_isa()
+    kernels.set_cpu_isa(request.param)
+    yield request.param
+    kernels.set_cpu_isa(previous)
+
+
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_gathered_context_equals_what_vllm_wrote(block_size):
-    isa = _get_attn_isa(torch.float32, block_size, 64, "auto")
-    heads, head_dim, num_blocks, room = 3, 64, 6, 5
+def test_context_attention_reads_what_vllm_wrote(block_size, isa):
+    """Attention over the paged cache equals torch's attention over the K/V vLLM wrote there."""
+    attn_isa = _get_attn_isa(torch.float32, block_size, 64, "auto")
+    heads, kv_heads, head_dim, num_blocks, q_len = 9, 3, 64, 6, 5
     # Two requests whose blocks are scattered: [4, 1, ...] and [2, 5, ...].
     rows = [[4, 1, 0], [2, 5, 0]]
     lengths = [block_size + 5, 2 * block_size - 3]
     layers, written = [], []
     for _ in range(2):
-        cache = torch.zeros(num_blocks, heads, block_size, 2 * head_dim)
-        key_cache, value_cache = cache.view(num_blocks, heads, 2 * block_size, head_dim).chunk(2, 2)
+        cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head_dim)
+        key_cache, value_cache = cache.view(num_blocks, kv_heads, 2 * block_size, head_dim).chunk(
+            2, 2
+        )
         keys, values = [], []
         for row, length in zip(rows, lengths):
-            k, v = torch.randn(length, heads, head_dim), torch.randn(length, heads, head_dim)
+            k = torch.randn(length, kv_heads, head_dim)
+            v = torch.randn(length, kv_heads, head_dim)
             slots = torch.tensor([row[t // block_size] * block_size + t % block_size
                                   for t in range(length)])
-            ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+            ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, attn_isa)
             keys.append(k)
             values.append(v)
-        layers.append(Layer(cache, isa))
+        layers.append(Layer(cache, attn_isa))
         written.append((keys, values))
-    context = PagedContext(layers, BlockTable(rows, block_size), np.array([0, 1]), max(lengths),
-                           room, KVWorkspace())
+    context = PagedContext(layers, BlockTable(rows, block_size), np.array([0, 1]),
+                           torch.tensor(lengths), heads)
+    mask = torch.ones(q_len, q_len, dtype=torch.bool).tril()  # rows among themselves
     for layer, (keys, values) in enumerate(written):
-        got_k, got_v = context(layer)  # [N, heads, L + room, head_dim]
-        assert got_k.shape == (2, heads, max(lengths) + room, head_dim)
+        qkv = torch.randn(2, q_len, heads + 2 * kv_heads, head_dim)
+        got = context(layer, qkv, mask=None)  # the context derives the mask from the lengths
         for i, length in enumerate(lengths):
-            assert torch.equal(got_k[i, :, :length], keys[i].transpose(0, 1))
-            assert torch.equal(got_v[i, :, :length], values[i].transpose(0, 1))
+            k, v = keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None]
+            full_mask = torch.cat((torch.ones(q_len, length, dtype=torch.bool), mask), dim=1)
+            expected = draft_attention(qkv[i : i + 1], heads, k, v, full_mask[None, None])
+            torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ptp_ops.compiled(), reason="compiled ops not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_attention_kernel_matches_the_torch_reference(dtype, q_len):
+    if torch.ops.vllm_ptp.cpu_isa() != "avx512":
+        pytest.skip("the kernel needs AVX-512")
+    torch.manual_seed(0)
+    num_blocks, kv_heads, heads, block_size, head_dim = 7, 3, 9, 16, 64
+    cache = torch.randn(num_blocks, kv_heads, block_size, 2 * head_dim).to(dtype)
+    slots = torch.randint(0, num_blocks * block_size, (4, 37))
+    slots[1, 30:] = -1  # past the block table: a zero key and value
+    slots[2] = torch.arange(20, 57)  # runs of consecutive slots, across block boundaries
+    context_lens = torch.tensor([37, 33, 20, 0])  # the last request has no context yet
+    qkv = torch.randn(4, q_len, heads + 2 * kv_heads, head_dim).to(dtype)
+    got = ptp_ops.paged_draft_attention(qkv, heads, cache, slots, context_lens)
+    expected = ptp_ops.reference_paged_draft_attention(qkv, heads, cache, slots, context_lens)
+    assert got.shape == expected.shape == (4, q_len, heads, head_dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.skipif(not ptp_ops.compiled(), reason="compiled ops not built")
@@ -74,3 +118,12 @@ def test_gather_kernel_rejects_slots_outside_the_cache():
     cache, out = torch.zeros(2, 3, 16, 128), torch.zeros(1, 3, 2, 64)
     with pytest.raises(RuntimeError, match="outside the cache"):
         ptp_ops.gather_paged_kv(cache, torch.tensor([[0, 32]]), out, out.clone())
+
+
+@pytest.mark.skipif(not ptp_ops.compiled(), reason="compiled ops not built")
+def test_attention_kernel_rejects_slots_outside_the_cache():
+    if torch.ops.vllm_ptp.cpu_isa() != "avx512":
+        pytest.skip("the kernel needs AVX-512")
+    cache, qkv = torch.zeros(2, 3, 16, 128), torch.zeros(1, 1, 15, 64)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ptp_ops.paged_draft_attention(qkv, 9, cache, torch.tensor([[0, 32]]), torch.tensor([2]))

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from vllm_ptp.checkpoint import build_drafter, load_checkpoint
 from vllm_ptp.config import PTPCheckpointError, TargetIdentity
-from vllm_ptp.models.gated_lora_llama import GREEDY_U
 from vllm_ptp.models.target import from_hf_llama
+from vllm_ptp.rng import GREEDY_U
 from vllm_ptp.train.data import Sequence
 from vllm_ptp.train.distill import (
     IGNORE,

@@ -2,18 +2,25 @@
 
 Each op below has one reference (rng.uniforms, UEmbedding, sampling.sample / sample_and_verify,
 block-table indexing) and the kernels reproduce it exactly: same uniforms, same embeddings, same
-tokens. Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the references.
+tokens. The exception is `gated_lora_expand`, a drafter GEMM epilogue, whose float sums may run in
+another order than torch's (drafts steer speed only; verification decides every token).
+Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the references.
 """
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from vllm.logger import init_logger
 
 from vllm_ptp import rng, sampling
-from vllm_ptp.models.gated_lora_llama import GREEDY_U, UEmbedding
+from vllm_ptp.models.attention import draft_attention
+from vllm_ptp.rng import GREEDY_U
 from vllm_ptp.sampling import SamplingRows
+
+if TYPE_CHECKING:  # models/ import this module (the compact drafter weights' fused update)
+    from vllm_ptp.models.gated_lora_llama import UEmbedding
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" to use its log handlers
 
@@ -62,6 +69,12 @@ def _register_fakes() -> None:
     def fake_slots(block_table, batch_index, start, num_positions, block_size):
         return batch_index.new_empty(batch_index.shape[0], num_positions, dtype=torch.long)
 
+    def fake_attention(qkv, num_heads, cache, slots, context_lens, scale):
+        return qkv.new_empty(*qkv.shape[:2], num_heads, qkv.shape[3])
+
+    def fake_lora_expand(stacked, gate, lora_Bs_t, columns, ranks, out_features):
+        return stacked.new_empty(stacked.shape[0], out_features, dtype=torch.float32)
+
     for name, fake in [
         ("uniforms", lambda seeds, positions: seeds.new_empty(seeds.shape, dtype=torch.float32)),
         ("sample", fake_sample),
@@ -69,6 +82,8 @@ def _register_fakes() -> None:
         ("paged_slots", fake_slots),
         ("gather_paged_kv", lambda *args: None),
         ("write_u_embeddings", lambda *args: None),
+        ("gated_lora_expand", fake_lora_expand),
+        ("paged_draft_attention", fake_attention),
     ]:
         torch.library.register_fake(f"vllm_ptp::{name}", fake)
 
@@ -84,7 +99,7 @@ def uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def write_u_embeddings(
     out: torch.Tensor,
     first_slot: int,
-    u_embedding: UEmbedding,
+    u_embedding: "UEmbedding",
     seeds: torch.Tensor,
     positions: torch.Tensor,
     greedy: torch.Tensor,
@@ -103,7 +118,7 @@ def write_u_embeddings(
 def reference_write_u_embeddings(
     out: torch.Tensor,
     first_slot: int,
-    u_embedding: UEmbedding,
+    u_embedding: "UEmbedding",
     seeds: torch.Tensor,
     positions: torch.Tensor,
     greedy: torch.Tensor,
@@ -205,3 +220,84 @@ def reference_gather_paged_kv(
     ):
         out.transpose(1, 2)[~valid] = 0
         out.transpose(1, 2)[valid] = gathered
+
+
+def gated_lora_expand(
+    stacked: torch.Tensor,
+    gate: torch.Tensor,
+    lora_Bs_t: list[torch.Tensor],
+    columns: list[int],
+    ranks: list[int],
+    out_features: int,
+) -> torch.Tensor:
+    """stacked[:, :out_features] + ((stacked[:, out_features:] * gate) @ B^T) in float32, where
+    stacked [M, out_features + R] is a GEMM's output over [W; A] and B^T is block-sparse: block
+    lora_Bs_t[p] [rank_p, columns_p] (float32 or bfloat16) at low-rank columns ranks[p] and
+    output columns columns[p].
+    gate: [M] or [M, 1], zero where the adapters are off."""
+    if not compiled(stacked.device):
+        return reference_gated_lora_expand(stacked, gate, lora_Bs_t, columns, ranks, out_features)
+    return torch.ops.vllm_ptp.gated_lora_expand(
+        stacked if stacked.stride(-1) == 1 else stacked.contiguous(),
+        gate.reshape(-1).float().contiguous(),
+        lora_Bs_t, columns, ranks, out_features,
+    )
+
+
+def reference_gated_lora_expand(
+    stacked: torch.Tensor,
+    gate: torch.Tensor,
+    lora_Bs_t: list[torch.Tensor],
+    columns: list[int],
+    ranks: list[int],
+    out_features: int,
+) -> torch.Tensor:
+    out = torch.empty(stacked.shape[0], out_features, dtype=torch.float32)
+    out.copy_(stacked[:, :out_features])
+    low = stacked[:, out_features:].float() * gate.reshape(-1, 1)
+    for lora_B_t, column, rank in zip(lora_Bs_t, columns, ranks):
+        out[:, column : column + lora_B_t.shape[1]].addmm_(
+            low[:, rank : rank + lora_B_t.shape[0]], lora_B_t.float()
+        )
+    return out
+
+
+def paged_draft_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """The drafter's attention for one layer, reading the context K/V where vLLM's CPU cache
+    [blocks, kv_heads, block_size, 2 * head_dim] keeps them (no gathered copy): qkv [N, Q,
+    heads + 2 kv_heads, head_dim] (q and k after RoPE) -> [N, Q, heads, head_dim]. Row i of
+    request n attends its first context_lens[n] positions, at slots [N, L], and rows 0..i.
+    The kernel needs AVX-512; elsewhere the context is gathered for torch's attention."""
+    if not (compiled(qkv.device) and torch.ops.vllm_ptp.cpu_isa() == "avx512"):
+        return reference_paged_draft_attention(qkv, num_heads, cache, slots, context_lens)
+    return torch.ops.vllm_ptp.paged_draft_attention(
+        qkv.contiguous(), num_heads, cache, slots.long().contiguous(),
+        context_lens.long().contiguous(), qkv.shape[-1] ** -0.5,
+    )
+
+
+def reference_paged_draft_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    num, q_len, _, head_dim = qkv.shape
+    length = slots.shape[1]
+    keys, values = (
+        qkv.new_empty(num, cache.shape[1], length + q_len, head_dim) for _ in range(2)
+    )
+    gather_paged_kv(cache, slots, keys, values)
+    context_mask = torch.arange(length) < context_lens[:, None]
+    own_mask = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    mask = torch.cat(
+        (context_mask[:, None].expand(-1, q_len, -1), own_mask.expand(num, -1, -1)), dim=-1
+    )
+    return draft_attention(qkv, num_heads, keys, values, mask[:, None])

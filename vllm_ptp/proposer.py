@@ -9,7 +9,6 @@ Where the text repeats, drafts after the first are copied from the context inste
 request's copies keep being accepted it skips the drafter altogether (copy runs, lookup.py).
 """
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -87,7 +86,6 @@ class PTPProposer:
         self.runner = runner
         self.drafter: GatedLoraDrafter | None = None
         self.attention_layers: list[torch.nn.Module] = []
-        self.kv_workspace = KVWorkspace()
         self.num_failures = 0  # drafter passes that failed (logged on the first only)
         self.pass_times: list[float] = []  # seconds per drafter pass, read by benchmarks
         # Shallow drafters: per request of the input batch, the target's final hidden state of
@@ -256,9 +254,8 @@ class PTPProposer:
             self.attention_layers,
             self.runner.input_batch.block_table[0],
             batch.batch_index,
-            context_len,
-            room=query.inputs_embeds.shape[1],
-            workspace=self.kv_workspace,
+            batch.position,
+            target.num_heads,
         )
         hidden = drafter(query, context)
         logits = drafter.logits(hidden)
@@ -296,9 +293,9 @@ def _draft_target(
 
 
 class PagedContext:
-    """Context K/V of a batch of requests, gathered layer by layer from vLLM's paged CPU KV cache
-    into one reused buffer with room after the context for the pass's own rows (the drafter
-    writes them there instead of concatenating them to the context in every layer).
+    """The drafter's attention for a batch of requests over their context in vLLM's paged CPU KV
+    cache, read where it lies (`ops.paged_draft_attention`): request n's rows attend its first
+    `context_lens[n]` positions and, causally, each other, the mask `draft_query` builds.
 
     vLLM's CPU cache per layer is [num_blocks, kv_heads, block_size, 2 * head_dim]: per block and
     head, the keys stored dimension-major ([head_dim, block_size], the layout the "vec" and
@@ -313,48 +310,26 @@ class PagedContext:
         attention_layers,
         block_table,
         batch_index: np.ndarray,
-        context_len: int,
-        room: int,
-        workspace: "KVWorkspace",
+        context_lens: torch.Tensor,
+        num_heads: int,
     ):
         self.attention_layers = attention_layers
         self.block_size = block_table.block_size
-        self.slots = ops.paged_slots(  # [N, L], positions 0..context_len-1 of each request
+        self.context_lens = context_lens.long()
+        self.num_heads = num_heads
+        self.slots = ops.paged_slots(  # [N, L], positions 0..L-1 of each request
             torch.from_numpy(block_table.block_table.np),
             torch.from_numpy(batch_index),
             torch.zeros(len(batch_index), dtype=torch.long),
-            context_len,
+            int(self.context_lens.max()),
             self.block_size,
         )
-        self.length = context_len + room
-        self.workspace = workspace
 
-    def __call__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, kv_heads, context_len + room, head_dim] keys and values, after RoPE; valid until
-        the next layer's call."""
+    def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cache = _cpu_kv_cache(self.attention_layers[layer], self.block_size)
-        heads, head_dim = cache.shape[1], cache.shape[3] // 2
-        shape = (len(self.slots), heads, self.length, head_dim)
-        keys, values = self.workspace.buffers(shape, cache.dtype)
-        ops.gather_paged_kv(cache, self.slots, keys, values)
-        return keys, values
-
-
-class KVWorkspace:
-    """Memory for one layer's gathered K/V, kept from layer to layer and pass to pass: a fresh
-    buffer of megabytes costs more in page faults than filling it."""
-
-    def __init__(self):
-        self.memory = torch.empty(0)
-
-    def buffers(
-        self, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two contiguous tensors of `shape` (keys, values), valid until the next call."""
-        numel = math.prod(shape)
-        if self.memory.dtype != dtype or self.memory.numel() < 2 * numel:
-            self.memory = torch.empty(2 * numel, dtype=dtype)
-        return self.memory[:numel].view(shape), self.memory[numel : 2 * numel].view(shape)
+        return ops.paged_draft_attention(
+            qkv, self.num_heads, cache, self.slots, self.context_lens
+        )
 
 
 def _cpu_kv_cache(attention, block_size: int) -> torch.Tensor:

@@ -18,6 +18,9 @@ _PHILOX_W1 = 0xBB67AE85
 _ROUNDS = 10
 # u = top 24 bits / 2**24: exactly representable in float32, so u < 1 always holds.
 _U_BITS = 24
+# The u a greedy request's auxiliary rows carry: it has none, and the drafter's u-embedding gives
+# this marker a learned vector of its own.
+GREEDY_U = -1.0
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,18 +94,29 @@ PTP_AVX512 int64_t first_equal_avx512(const T* x, int64_t n, float value) {
   return n;
 }
 
+// ptp::exp_nonpositive, 16 lanes at a time (d in [kMinExponent, 0]; the caller masks the rest).
+PTP_AVX512 inline __m512 exp_nonpositive_avx512(__m512 d) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 c[] = {_mm512_set1_ps(ptp::kC6), _mm512_set1_ps(ptp::kC5),
+                      _mm512_set1_ps(ptp::kC4), _mm512_set1_ps(ptp::kC3),
+                      _mm512_set1_ps(ptp::kC2), one, one};
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(ptp::kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(d, _mm512_mul_ps(k, _mm512_set1_ps(ptp::kLn2Hi)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(ptp::kLn2Lo)));
+  __m512 poly = c[0];
+  for (int j = 1; j < 7; ++j) poly = _mm512_add_ps(_mm512_mul_ps(poly, r), c[j]);
+  const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
+  return _mm512_mul_ps(poly, _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23)));
+}
+
 // The op sequence of ptp::weight_of, 16 lanes at a time.
 template <typename T>
 PTP_AVX512 int64_t weights_avx512(const T* x, int64_t n, const RowParams& p, int64_t* block_sums,
                                   int64_t* w) {
   const __m512 inv_t = _mm512_set1_ps(p.inv_temperature), max_s = _mm512_set1_ps(p.max_scaled);
   const __m512 min_d = _mm512_set1_ps(ptp::kMinExponent), min_p = _mm512_set1_ps(p.min_p);
-  const __m512 log2e = _mm512_set1_ps(ptp::kLog2e), ln2_hi = _mm512_set1_ps(ptp::kLn2Hi);
-  const __m512 ln2_lo = _mm512_set1_ps(ptp::kLn2Lo), one = _mm512_set1_ps(1.0f);
   const __m512 scale = _mm512_set1_ps(ptp::kWeightScale);
-  const __m512 c[] = {_mm512_set1_ps(ptp::kC6), _mm512_set1_ps(ptp::kC5),
-                      _mm512_set1_ps(ptp::kC4), _mm512_set1_ps(ptp::kC3),
-                      _mm512_set1_ps(ptp::kC2), one, one};
   int64_t total = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
     __m512i sum = _mm512_setzero_si512();
@@ -113,14 +124,7 @@ PTP_AVX512 int64_t weights_avx512(const T* x, int64_t n, const RowParams& p, int
       const __mmask16 m = lanes(n - i);
       const __m512 d = _mm512_sub_ps(_mm512_mul_ps(load16(x + i, m), inv_t), max_s);
       __mmask16 valid = _mm512_mask_cmp_ps_mask(m, d, min_d, _CMP_GE_OQ);
-      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(d, log2e),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      __m512 r = _mm512_sub_ps(d, _mm512_mul_ps(k, ln2_hi));
-      r = _mm512_sub_ps(r, _mm512_mul_ps(k, ln2_lo));
-      __m512 poly = c[0];
-      for (int j = 1; j < 7; ++j) poly = _mm512_add_ps(_mm512_mul_ps(poly, r), c[j]);
-      const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
-      const __m512 e = _mm512_mul_ps(poly, _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23)));
+      const __m512 e = exp_nonpositive_avx512(d);
       valid = _mm512_mask_cmp_ps_mask(valid, e, min_p, _CMP_GE_OQ);
       const __m512 scaled = _mm512_mul_ps(e, scale);
       const __m512i lo = _mm512_maskz_mov_epi64(
@@ -520,6 +524,424 @@ void gather_paged_kv(const at::Tensor& cache, const at::Tensor& slots, at::Tenso
   });
 }
 
+// ---- gated LoRA expand ---------------------------------------------------------------------------
+
+// y_i[0..n) += sum_r a_i[r] * b[r * ldb + 0..n) for rows i < R: low-rank updates of R rows
+// over a run of columns.
+template <typename B, int R>
+void rank_update_scalar(const float* const* a, int64_t rank, const B* b, int64_t ldb,
+                        float* const* y, int64_t n) {
+  for (int i = 0; i < R; ++i) {
+    for (int64_t r = 0; r < rank; ++r) {
+      for (int64_t c = 0; c < n; ++c) y[i][c] += a[i][r] * static_cast<float>(b[r * ldb + c]);
+    }
+  }
+}
+
+// The same as a register-blocked micro-kernel: R rows x 64 columns of y stay in registers over
+// all ranks, and each vector of b is loaded once for the R rows.
+template <typename B, int R>
+PTP_AVX512 void rank_update_avx512(const float* const* a, int64_t rank, const B* b, int64_t ldb,
+                                   float* const* y, int64_t n) {
+  for (int64_t c = 0; c < n; c += 64) {
+    __mmask16 mask[4];
+    __m512 acc[R][4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t remaining = n - c - 16 * j;
+      mask[j] = remaining > 0 ? lanes(remaining) : 0;
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], y[i] + c + 16 * j);
+    }
+    for (int64_t r = 0; r < rank; ++r) {
+      __m512 b_r[4];
+      for (int j = 0; j < 4; ++j) b_r[j] = load16(b + r * ldb + c + 16 * j, mask[j]);
+      for (int i = 0; i < R; ++i) {
+        const __m512 a_ir = _mm512_set1_ps(a[i][r]);
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(a_ir, b_r[j], acc[i][j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y[i] + c + 16 * j, mask[j], acc[i][j]);
+    }
+  }
+}
+
+// rank_update for up to 4 rows at a time, on the active ISA.
+template <typename B>
+void rank_update(const float* const* a, int rows, int64_t rank, const B* b, int64_t ldb,
+                 float* const* y, int64_t n) {
+  const bool avx512 = active_isa() == "avx512";
+  switch (rows) {
+    case 4: return (avx512 ? rank_update_avx512<B, 4> : rank_update_scalar<B, 4>)(a, rank, b, ldb, y, n);
+    case 3: return (avx512 ? rank_update_avx512<B, 3> : rank_update_scalar<B, 3>)(a, rank, b, ldb, y, n);
+    case 2: return (avx512 ? rank_update_avx512<B, 2> : rank_update_scalar<B, 2>)(a, rank, b, ldb, y, n);
+    case 1: return (avx512 ? rank_update_avx512<B, 1> : rank_update_scalar<B, 1>)(a, rank, b, ldb, y, n);
+    default: TORCH_CHECK(false, "rank_update takes 1 to 4 rows");
+  }
+}
+
+template <typename T>
+void to_float_scalar(const T* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(x[i]);
+}
+
+template <typename T>
+PTP_AVX512 void to_float_avx512(const T* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lanes(n - i);
+    _mm512_mask_storeu_ps(y + i, m, load16(x + i, m));
+  }
+}
+
+constexpr int64_t kExpandTile = 256;  // output columns per task: a B tile stays in L1
+
+// out = stacked[:, :out_features] + ((stacked[:, out_features:] * gate) @ B^T), in float32, for
+// the output of a compact GEMM over [W; A] (models/quantized.py). stacked [M, out_features + R]
+// (float32 or bfloat16), gate [M] (nonzero: adapters on), lora_Bs_t[p] [ranks_p, columns_p]
+// (float32 or bfloat16, all alike), the B^T of the projection at output columns columns[p] and
+// low-rank columns ranks[p] of A x. One call replaces the dtype cast, the gate product and one
+// addmm per projection.
+at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
+                             const std::vector<at::Tensor>& lora_Bs_t,
+                             const std::vector<int64_t>& columns,
+                             const std::vector<int64_t>& ranks, int64_t out_features) {
+  TORCH_CHECK(stacked.dim() == 2 && stacked.stride(1) == 1 && stacked.device().is_cpu(),
+              "stacked must be a CPU [rows, out_features + rank] tensor, rows contiguous");
+  const int64_t rows = stacked.size(0), total_rank = stacked.size(1) - out_features;
+  TORCH_CHECK(out_features >= 0 && total_rank >= 0, "out_features larger than stacked");
+  TORCH_CHECK(gate.numel() == rows && gate.scalar_type() == at::kFloat && gate.is_contiguous(),
+              "gate must be contiguous float32 [rows]");
+  TORCH_CHECK(lora_Bs_t.size() == columns.size() && columns.size() == ranks.size(),
+              "one column and one rank offset per B");
+  for (size_t p = 0; p < lora_Bs_t.size(); ++p) {
+    const at::Tensor& b = lora_Bs_t[p];
+    TORCH_CHECK(b.dim() == 2 && b.is_contiguous() &&
+                b.scalar_type() == lora_Bs_t[0].scalar_type(),
+                "each B^T must be contiguous [rank, columns], all in one dtype");
+    TORCH_CHECK(columns[p] >= 0 && columns[p] + b.size(1) <= out_features && ranks[p] >= 0 &&
+                ranks[p] + b.size(0) <= total_rank, "B ", p, " outside the stacked output");
+  }
+  at::Tensor out = at::empty({rows, out_features}, stacked.options().dtype(at::kFloat));
+  // Tasks: column tiles of every projection with a B, then of the columns no B touches.
+  struct Tile { int64_t projection, begin, end; };
+  std::vector<Tile> tiles;
+  std::vector<bool> adapted(out_features, false);
+  for (size_t p = 0; p < lora_Bs_t.size(); ++p) {
+    const int64_t end = columns[p] + lora_Bs_t[p].size(1);
+    for (int64_t c = columns[p]; c < end; c += kExpandTile) {
+      tiles.push_back({static_cast<int64_t>(p), c, std::min(end, c + kExpandTile)});
+    }
+    TORCH_CHECK(std::none_of(adapted.begin() + columns[p], adapted.begin() + end,
+                             [](bool a) { return a; }), "B ", p, "'s columns overlap another B's");
+    std::fill(adapted.begin() + columns[p], adapted.begin() + end, true);
+  }
+  for (int64_t c = 0; c < out_features;) {
+    if (adapted[c]) { ++c; continue; }
+    int64_t end = c;
+    while (end < out_features && !adapted[end] && end - c < kExpandTile) ++end;
+    tiles.push_back({-1, c, end});
+    c = end;
+  }
+  const float* g = gate.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  if (tiles.empty() || rows == 0) return out;
+  const at::ScalarType b_dtype =
+      lora_Bs_t.empty() ? at::kFloat : lora_Bs_t[0].scalar_type();
+  dispatch_float(stacked.scalar_type(), "stacked", [&](auto x_type) {
+    dispatch_float(b_dtype, "B", [&](auto b_type) {
+      using T = decltype(x_type);
+      using B = decltype(b_type);
+      const T* x = stacked.data_ptr<T>();
+      const int64_t x_stride = stacked.stride(0);
+      const auto to_float = active_isa() == "avx512" ? to_float_avx512<T> : to_float_scalar<T>;
+      at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> a;  // the gated rows' low-rank inputs, rank floats per row
+        std::vector<float*> y_rows;
+        std::vector<const float*> a_rows;
+        for (int64_t t = begin; t < end; ++t) {
+          const Tile tile = tiles[t];
+          const int64_t width = tile.end - tile.begin;
+          for (int64_t m = 0; m < rows; ++m) {
+            to_float(x + m * x_stride + tile.begin, y + m * out_features + tile.begin, width);
+          }
+          if (tile.projection < 0) continue;
+          const at::Tensor& b = lora_Bs_t[tile.projection];
+          const int64_t rank = b.size(0);
+          a.resize(rows * rank);
+          y_rows.clear();
+          a_rows.clear();
+          for (int64_t m = 0; m < rows; ++m) {
+            if (g[m] == 0.0f) continue;
+            const T* low = x + m * x_stride + out_features + ranks[tile.projection];
+            float* a_m = a.data() + a_rows.size() * rank;
+            for (int64_t r = 0; r < rank; ++r) a_m[r] = static_cast<float>(low[r]) * g[m];
+            a_rows.push_back(a_m);
+            y_rows.push_back(y + m * out_features + tile.begin);
+          }
+          const B* b_tile = b.data_ptr<B>() + (tile.begin - columns[tile.projection]);
+          for (size_t i = 0; i < y_rows.size(); i += 4) {
+            const int group = static_cast<int>(std::min<size_t>(4, y_rows.size() - i));
+            rank_update(a_rows.data() + i, group, rank, b_tile, b.size(1), y_rows.data() + i,
+                        width);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// ---- drafter attention over the paged KV cache --------------------------------------------------
+
+// One drafter pass's attention for request n and KV head h, straight from vLLM's paged CPU cache
+// (no gathered copy): its G = heads / kv_heads query heads times Q rows attend the request's
+// context_len cached positions and, causally, the pass's own Q rows (K/V in qkv).
+template <typename T>
+struct DraftAttention {
+  const T* qkv;  // [N, Q, heads + 2 kv_heads, head_dim], q and k after RoPE
+  const T* cache;  // [blocks, kv_heads, block_size, 2 * head_dim]
+  const int64_t* slots;  // [N, L]
+  const int64_t* context_lens;  // [N]
+  T* out;  // [N, Q, heads, head_dim]
+  int64_t q_rows, heads, kv_heads, head_dim, block_size, max_context;
+  float scale;
+
+  int64_t row_stride() const { return (heads + 2 * kv_heads) * head_dim; }
+  const T* own_key(int64_t n, int64_t j, int64_t h) const {
+    return qkv + (n * q_rows + j) * row_stride() + (heads + h) * head_dim;
+  }
+  const T* own_value(int64_t n, int64_t j, int64_t h) const {
+    return own_key(n, j, h) + kv_heads * head_dim;
+  }
+  // Keys of cache slot s's block from s on ([head_dim, block_size], dimension-major) and its
+  // value row ([head_dim]).
+  const T* block_keys(int64_t s, int64_t h) const {
+    return cache + ((s / block_size) * kv_heads + h) * 2 * block_size * head_dim + s % block_size;
+  }
+  const T* slot_value(int64_t s, int64_t h) const {
+    return cache + ((s / block_size) * kv_heads + h) * 2 * block_size * head_dim +
+           block_size * head_dim + (s % block_size) * head_dim;
+  }
+
+  // scores[i][0..run) = queries[i] . keys of a run of consecutive slots of one block, for R
+  // rows: 16 positions at a time, R accumulators in registers, each key vector loaded once.
+  template <int R>
+  PTP_AVX512 void score_rows(const float* queries, const T* keys, int64_t run, float* scores,
+                             int64_t score_stride) const {
+    for (int64_t t = 0; t < run; t += 16) {
+      const __mmask16 m = lanes(run - t);
+      __m512 acc[R];
+      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < head_dim; ++d) {
+        const __m512 k = load16(keys + d * block_size + t, m);
+        for (int i = 0; i < R; ++i) {
+          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(queries[i * head_dim + d]), k, acc[i]);
+        }
+      }
+      for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(scores + i * score_stride + t, m, acc[i]);
+    }
+  }
+
+  void score_run(const float* queries, int64_t num_rows, const T* keys, int64_t run,
+                 float* scores, int64_t score_stride) const {
+    int64_t r = 0;
+    for (; r + 8 <= num_rows; r += 8) {
+      score_rows<8>(queries + r * head_dim, keys, run, scores + r * score_stride, score_stride);
+    }
+    for (; r < num_rows; ++r) {
+      score_rows<1>(queries + r * head_dim, keys, run, scores + r * score_stride, score_stride);
+    }
+  }
+
+  PTP_AVX512 float dot(const float* q, const T* k) const {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < head_dim; d += 16) {
+      const __mmask16 m = lanes(head_dim - d);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), load16(k + d, m), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+
+  // out[i][0..64) (i < R, 64 dims from dim d0, masked past head_dim) = sum over the positions j
+  // of p[i][j] * value(j)[d0..], the accumulators held in registers. values[j] is position j's
+  // value row (nullptr: a zero value).
+  template <int R>
+  PTP_AVX512 void weighted_values(const float* const* p, const T* const* values, int64_t count,
+                                  int64_t d0, float* const* out) const {
+    __mmask16 mask[4];
+    __m512 acc[R][4];
+    for (int c = 0; c < 4; ++c) {
+      const int64_t remaining = head_dim - d0 - 16 * c;
+      mask[c] = remaining > 0 ? lanes(remaining) : 0;
+      for (int i = 0; i < R; ++i) acc[i][c] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      if (values[j] == nullptr) continue;
+      __m512 v[4];
+      for (int c = 0; c < 4; ++c) v[c] = load16(values[j] + d0 + 16 * c, mask[c]);
+      for (int i = 0; i < R; ++i) {
+        const __m512 weight = _mm512_set1_ps(p[i][j]);
+        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(weight, v[c], acc[i][c]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, mask[c], acc[i][c]);
+    }
+  }
+
+  // Rows [row_begin, row_end) of request n's KV head h, row r being query row r / G of head
+  // h * G + r % G.
+  PTP_AVX512 void run(int64_t n, int64_t h, int64_t row_begin, int64_t row_end,
+                      std::vector<float>& buffer, std::vector<const T*>& values) const {
+    const int64_t group_heads = heads / kv_heads, rows = row_end - row_begin;
+    const int64_t context = context_lens[n], width = context + q_rows;
+    buffer.resize(rows * head_dim * 2 + rows * width);
+    float* queries = buffer.data();  // [rows, head_dim], scaled
+    float* outputs = queries + rows * head_dim;  // [rows, head_dim]
+    float* scores = outputs + rows * head_dim;  // [rows, context + Q], then probabilities
+    auto query_row = [&](int64_t r) { return (row_begin + r) / group_heads; };
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t head = h * group_heads + (row_begin + r) % group_heads;
+      const T* q = qkv + (n * q_rows + query_row(r)) * row_stride() + head * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        queries[r * head_dim + d] = static_cast<float>(q[d]) * scale;
+      }
+    }
+    const int64_t* request_slots = slots + n * max_context;
+    values.resize(width);
+    // Context scores, a run of consecutive slots of one block at a time.
+    for (int64_t j = 0; j < context;) {
+      const int64_t s = request_slots[j];
+      int64_t run = 1;
+      if (s < 0) {  // past the block table: a zero key and value, as the gathered reference
+        for (int64_t r = 0; r < rows; ++r) scores[r * width + j] = 0.0f;
+        values[j] = nullptr;
+      } else {
+        while (j + run < context && s % block_size + run < block_size &&
+               request_slots[j + run] == s + run) {
+          ++run;
+        }
+        score_run(queries, rows, block_keys(s, h), run, scores + j, width);
+        for (int64_t t = 0; t < run; ++t) values[j + t] = slot_value(s + t, h);
+      }
+      j += run;
+    }
+    // Own rows: query row i sees rows 0..i of its sequence.
+    for (int64_t j = 0; j < q_rows; ++j) values[context + j] = own_value(n, j, h);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < q_rows; ++j) {
+        scores[r * width + context + j] = j <= query_row(r)
+            ? dot(queries + r * head_dim, own_key(n, j, h)) : -INFINITY;
+      }
+    }
+    // Softmax of each row, in place (exp(-inf) = 0 for the rows it may not see).
+    std::vector<float> inverse_sum(rows);
+    const __m512 floor = _mm512_set1_ps(ptp::kMinExponent);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = scores + r * width;
+      __m512 best = _mm512_set1_ps(-INFINITY);
+      for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 m = lanes(width - i);
+        best = _mm512_mask_max_ps(best, m, best, _mm512_maskz_loadu_ps(m, row + i));
+      }
+      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < width; i += 16) {
+        const __mmask16 m = lanes(width - i);
+        const __m512 x = _mm512_maskz_loadu_ps(m, row + i);
+        // Scores below the row maximum by more than -kMinExponent (and -inf) weigh 0.
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(x, max), floor, _CMP_GE_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp_nonpositive_avx512(
+            _mm512_max_ps(_mm512_sub_ps(x, max), floor)));
+        _mm512_mask_storeu_ps(row + i, m, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      inverse_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    // Probability-weighted values, 4 rows x 64 dimensions at a time.
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int group = static_cast<int>(std::min<int64_t>(4, rows - r0));
+      const float* p[4];
+      float* o[4];
+      for (int i = 0; i < group; ++i) {
+        p[i] = scores + (r0 + i) * width;
+        o[i] = outputs + (r0 + i) * head_dim;
+      }
+      for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+        switch (group) {
+          case 4: weighted_values<4>(p, values.data(), width, d0, o); break;
+          case 3: weighted_values<3>(p, values.data(), width, d0, o); break;
+          case 2: weighted_values<2>(p, values.data(), width, d0, o); break;
+          default: weighted_values<1>(p, values.data(), width, d0, o); break;
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t head = h * group_heads + (row_begin + r) % group_heads;
+      T* o = out + ((n * q_rows + query_row(r)) * heads + head) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        o[d] = static_cast<T>(outputs[r * head_dim + d] * inverse_sum[r]);
+      }
+    }
+  }
+};
+
+constexpr int64_t kAttentionRows = 8;  // query rows per attention task
+
+// The drafter's attention for one layer (see DraftAttention): qkv [N, Q, heads + 2 kv_heads,
+// head_dim] -> [N, Q, heads, head_dim]. Row i of request n attends its first context_lens[n]
+// cached positions (slots [N, >= max context_lens], as paged_slots gives them) and rows <= i.
+// AVX-512 only: elsewhere the caller gathers the context and uses torch's attention.
+at::Tensor paged_draft_attention(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& cache,
+                                 const at::Tensor& slots, const at::Tensor& context_lens,
+                                 double scale) {
+  TORCH_CHECK(avx512_supported(), "paged_draft_attention needs AVX-512");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(3) % 2 == 0 && cache.is_contiguous() &&
+              cache.device().is_cpu(), "cache must be a contiguous CPU tensor [blocks, kv_heads, "
+              "block_size, 2 * head_dim]");
+  const int64_t kv_heads = cache.size(1), block_size = cache.size(2), head_dim = cache.size(3) / 2;
+  TORCH_CHECK(num_heads > 0 && num_heads % kv_heads == 0, "heads must be a multiple of kv_heads");
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(2) == num_heads + 2 * kv_heads &&
+              qkv.size(3) == head_dim && qkv.is_contiguous() &&
+              qkv.scalar_type() == cache.scalar_type(),
+              "qkv must be contiguous [N, Q, heads + 2 kv_heads, head_dim] in the cache's dtype");
+  const int64_t num = qkv.size(0), q_rows = qkv.size(1);
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == num && slots.scalar_type() == at::kLong &&
+              slots.is_contiguous(), "slots must be contiguous int64 [N, L]");
+  TORCH_CHECK(context_lens.numel() == num && context_lens.scalar_type() == at::kLong &&
+              context_lens.is_contiguous(), "context_lens must be contiguous int64 [N]");
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t cache_slots = cache.size(0) * block_size;
+  for (int64_t n = 0; n < num; ++n) {
+    TORCH_CHECK(lens[n] >= 0 && lens[n] <= slots.size(1), "context_lens[", n, "] out of range");
+    for (int64_t j = 0; j < lens[n]; ++j) {
+      const int64_t s = slot[n * slots.size(1) + j];
+      TORCH_CHECK(s >= -1 && s < cache_slots, "slot ", s, " outside the cache");
+    }
+  }
+  at::Tensor out = at::empty({num, q_rows, num_heads, head_dim}, qkv.options());
+  dispatch_float(cache.scalar_type(), "cache", [&](auto type) {
+    using T = decltype(type);
+    const DraftAttention<T> attention{
+        qkv.data_ptr<T>(), cache.data_ptr<T>(), slot, lens, out.data_ptr<T>(), q_rows, num_heads,
+        kv_heads, head_dim, block_size, slots.size(1), static_cast<float>(scale)};
+    // Tasks of up to kAttentionRows rows of one request and KV head: enough of them to keep
+    // every thread busy at batch 1 (each reads its head's context K/V again, from cache).
+    const int64_t rows = q_rows * (num_heads / kv_heads);
+    const int64_t chunks = (rows + kAttentionRows - 1) / kAttentionRows;
+    at::parallel_for(0, num * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer;
+      std::vector<const T*> values;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t chunk = task % chunks, head = task / chunks % kv_heads;
+        attention.run(task / chunks / kv_heads, head, chunk * kAttentionRows,
+                      std::min(rows, (chunk + 1) * kAttentionRows), buffer, values);
+      }
+    });
+  });
+  return out;
+}
+
 std::string cpu_isa() { return active_isa(); }
 
 void set_cpu_isa(const std::string& isa) {
@@ -546,6 +968,10 @@ TORCH_LIBRARY(vllm_ptp, m) {
   m.def("paged_slots(Tensor block_table, Tensor batch_index, Tensor start, int num_positions, "
         "int block_size) -> Tensor");
   m.def("gather_paged_kv(Tensor cache, Tensor slots, Tensor(a!) keys, Tensor(b!) values) -> ()");
+  m.def("paged_draft_attention(Tensor qkv, int num_heads, Tensor cache, Tensor slots, "
+        "Tensor context_lens, float scale) -> Tensor");
+  m.def("gated_lora_expand(Tensor stacked, Tensor gate, Tensor[] lora_Bs_t, int[] columns, "
+        "int[] ranks, int out_features) -> Tensor");
   // Test hooks: the CUDA kernel's block algorithm run on the host; the CPU ISA in use.
   m.def("emulated_cuda_sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
         "Tensor min_p, Tensor u, int threads_per_block) -> Tensor");
@@ -560,6 +986,8 @@ TORCH_LIBRARY_IMPL(vllm_ptp, CPU, m) {
   m.impl("sample_and_verify", &sample_and_verify);
   m.impl("paged_slots", &paged_slots);
   m.impl("gather_paged_kv", &gather_paged_kv);
+  m.impl("gated_lora_expand", &gated_lora_expand);
+  m.impl("paged_draft_attention", &paged_draft_attention);
   m.impl("emulated_cuda_sample", &emulated_cuda_sample);
 }
 

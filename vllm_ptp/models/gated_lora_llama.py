@@ -7,13 +7,14 @@ and still attend to the context's K/V of those deep layers. Such a shallow draft
 the target's final hidden state of the position before the newest token (EAGLE's input), since
 the newest token's row skips the layers that would have told it about the context.
 
-One module serves training and vLLM: the caller supplies the context K/V (from a full target
-forward in training, from vLLM's paged KV cache at inference) and the query rows to compute,
-laid out by `draft_query` in both.
+One module serves training and vLLM: the caller supplies the attention over the context (K/V
+from a full target forward in training, `KVContext`; vLLM's paged KV cache at inference) and the
+query rows to compute, laid out by `draft_query` in both.
 """
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,33 @@ from torch import nn
 from vllm import _custom_ops as vllm_ops
 
 from vllm_ptp.config import PTPConfig
+from vllm_ptp.models.attention import draft_attention
 from vllm_ptp.models.quantized import CompactLinear
-from vllm_ptp.models.target import Projection, TargetLayer, TargetView
+from vllm_ptp.models.target import Projection, TargetView
 
 # layer index -> (keys, values), each [sequences, kv_heads, context_len, head_dim], after RoPE;
 # or [.., context_len + Q, ..] with room for the pass's Q rows, which the layer then writes there.
 ContextKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class ContextAttention(Protocol):
+    """The attention of one layer's query rows over their context and their own rows:
+    (layer, qkv [N, Q, heads + 2 kv_heads, head_dim] after RoPE, mask [N, 1, Q, L + Q]) ->
+    [N, Q, heads, head_dim]."""
+
+    def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class KVContext:
+    """ContextAttention over context K/V in hand (training, tests): torch's attention."""
+
+    kv: ContextKV
+    num_heads: int
+
+    def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return draft_attention(qkv, self.num_heads, *self.kv(layer), mask)
+
 # (x, gate) -> a projection group's fused output with the gated adapters added.
 GatedProjection = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -64,13 +86,10 @@ def draft_query(
     )
 
 
-GREEDY_U = -1.0  # u value that marks a greedy request: the drafter sees its own vector
-
-
 class UEmbedding(nn.Module):
     """u in [0, 1) -> hidden vector, by linear interpolation between learned vectors.
 
-    Greedy requests have no u: they are marked with GREEDY_U and get a learned vector of their
+    Greedy requests have no u: they are marked with rng.GREEDY_U and get a learned vector of their
     own, so one checkpoint serves greedy and sampled decoding. kind="constant" ignores u
     altogether, the greedy marker included (one vector): the independent-parallel-drafting
     ablation, whose placeholders, like PARD's mask tokens, cannot tell how a request samples.
@@ -226,6 +245,28 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return out
 
 
+def _add_rms_norm(
+    hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + delta, its RMS norm). Without autograd in vLLM's one kernel, in place: hidden
+    becomes the sum and delta the norm."""
+    if torch.is_grad_enabled():
+        hidden = hidden + delta
+        return hidden, F.rms_norm(hidden, weight.shape, weight, eps)
+    vllm_ops.fused_add_rms_norm(delta, hidden, weight, eps)
+    return hidden, delta
+
+
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [.., gate | up]; without autograd vLLM's one kernel (the target's)."""
+    if torch.is_grad_enabled():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    out = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    torch.ops._C.silu_and_mul(out, gate_up)
+    return out
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, where rotate_half(x) = roll(x, half) * [-1.., +1..] and
     the signs are folded into signed_sin (bit-identical, two ops fewer)."""
@@ -303,29 +344,29 @@ class GatedLoraDrafter(nn.Module):
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.named_parameters()}
 
-    def forward(self, query: DraftQuery, context: ContextKV) -> torch.Tensor:
+    def forward(self, query: DraftQuery, context: ContextAttention) -> torch.Tensor:
         """Final-norm hidden states of every query row: [N, Q, hidden]."""
         target = self.target
         assert target is not None, "bind_target() before running the drafter"
-        hidden = query.inputs_embeds
-        cos, signed_sin = self._rope(query.positions, hidden.dtype)
+        n, q_len, hidden_size = query.inputs_embeds.shape
+        # The residual stream, as [N * Q, hidden]; a copy, as _add_rms_norm updates it in place.
+        hidden = query.inputs_embeds.reshape(n * q_len, hidden_size).clone()
+        rope = self._rope(query.positions, hidden.dtype)
         gate = query.lora_gate.reshape(-1, 1).to(hidden.dtype)
         mask = torch.cat((query.context_mask, query.self_mask), dim=-1).unsqueeze(1)
         projections = self.served_projections or map(
             self._projections, self.layer_indices, self.lora
         )
-        for index, layer_projections in zip(self.layer_indices, projections):
-            hidden = self._layer(
-                hidden,
-                target.layers[index],
-                layer_projections,
-                gate,
-                cos,
-                signed_sin,
-                mask,
-                context(index),
+        # Each residual add is fused with the norm after it: the next layer's input norm, or
+        # after the last layer the final norm.
+        layers = [target.layers[index] for index in self.layer_indices]
+        next_norms = [layer.input_norm for layer in layers[1:]] + [target.final_norm]
+        x = _rms_norm(hidden, layers[0].input_norm, target.rms_norm_eps)
+        for index, layer_projections, next_norm in zip(self.layer_indices, projections, next_norms):
+            hidden, x = self._layer(
+                hidden, x, index, layer_projections, next_norm, gate, rope, mask, context
             )
-        return _rms_norm(hidden, target.final_norm, target.rms_norm_eps)
+        return x.view(n, q_len, hidden_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.target is not None
@@ -376,53 +417,66 @@ class GatedLoraDrafter(nn.Module):
             for group, (field, names) in PROJECTION_GROUPS.items()
         }
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos and signed sin (see `_apply_rope`) of every row: [N, Q, 1, head_dim] each."""
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> "RotaryEmbedding":
+        """RoPE of every row: the target's own in-place op when it has one and no gradients are
+        needed (serving), else from cos and signed-sin tables (see `_apply_rope`)."""
         target = self.target
+        if target.rotary is not None and not torch.is_grad_enabled():
+            return RotaryEmbedding(target, positions.reshape(-1))
         half = target.head_dim // 2
         exponent = torch.arange(0, target.head_dim, 2, device=positions.device) / target.head_dim
         inv_freq = 1.0 / (target.rope_theta ** exponent.double())
         freqs = positions.unsqueeze(-1).double() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
         sign = torch.cat((-torch.ones(half), torch.ones(half))).to(angles)
-        return angles.cos().to(dtype), (angles.sin() * sign).to(dtype)
+        return RotaryEmbedding(target, cos=angles.cos().to(dtype),
+                               signed_sin=(angles.sin() * sign).to(dtype))
 
     def _layer(
         self,
         hidden: torch.Tensor,
-        w: TargetLayer,
+        x: torch.Tensor,
+        index: int,
         project: dict[str, GatedProjection],
+        next_norm: torch.Tensor,
         gate: torch.Tensor,
-        cos: torch.Tensor,
-        signed_sin: torch.Tensor,
+        rope: "RotaryEmbedding",
         mask: torch.Tensor,
-        context_kv: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """One target layer over the query rows: the target's projection of each fused group
-        plus its gated adapters (zero at non-auxiliary rows); w gives the norms."""
+        context: ContextAttention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target layer `index` over the query rows, each fused projection group plus its gated
+        adapters (zero at non-auxiliary rows). hidden is the residual stream and x its input
+        norm, both [N * Q, hidden]; returns the new residual stream and its `next_norm`."""
         target = self.target
-        n, q_len, hidden_size = hidden.shape
-        heads, kv_heads = target.num_heads, target.num_kv_heads
+        n, q_len = mask.shape[0], mask.shape[2]
+        heads, kv_heads, eps = target.num_heads, target.num_kv_heads, target.rms_norm_eps
 
-        x = _rms_norm(hidden, w.input_norm, target.rms_norm_eps).view(n * q_len, hidden_size)
         qkv = project["qkv"](x, gate).view(n, q_len, heads + 2 * kv_heads, target.head_dim)
-        qk = _apply_rope(qkv[:, :, : heads + kv_heads], cos, signed_sin).transpose(1, 2)
-        v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        keys, values = context_kv
-        context_len = mask.shape[-1] - q_len
-        if keys.shape[2] == context_len + q_len and keys.dtype == qk.dtype:
-            keys[:, :, context_len:], values[:, :, context_len:] = qk[:, heads:], v
-        else:
-            keys = torch.cat((keys[:, :, :context_len].to(qk.dtype), qk[:, heads:]), dim=2)
-            values = torch.cat((values[:, :, :context_len].to(v.dtype), v), dim=2)
-        attn = F.scaled_dot_product_attention(
-            qk[:, :heads], keys, values, attn_mask=mask, enable_gqa=True
-        )
-        attn = attn.transpose(1, 2).reshape(n * q_len, -1)
-        hidden = hidden + project["o"](attn, gate).view(n, q_len, hidden_size)
+        attn = context(index, rope(qkv), mask).reshape(n * q_len, -1)
+        hidden, x = _add_rms_norm(hidden, project["o"](attn, gate), target.layers[index].post_norm,
+                                  eps)
+        down = project["down"](_silu_and_mul(project["gate_up"](x, gate)), gate)
+        return _add_rms_norm(hidden, down, next_norm, eps)
 
-        x = _rms_norm(hidden, w.post_norm, target.rms_norm_eps).view(n * q_len, hidden_size)
-        gate_proj, up_proj = project["gate_up"](x, gate).chunk(2, dim=-1)
-        mlp = F.silu(gate_proj) * up_proj
-        down = project["down"](mlp, gate)
-        return hidden + down.view(n, q_len, hidden_size)
+
+@dataclass
+class RotaryEmbedding:
+    """qkv [N, Q, heads + 2 kv_heads, head_dim] -> the same with RoPE on q and k: in place by
+    the target's own op at `positions` [N * Q], or from `cos`/`signed_sin` [N, Q, 1, head_dim]
+    (differentiable, a new tensor)."""
+
+    target: TargetView
+    positions: torch.Tensor | None = None
+    cos: torch.Tensor | None = None
+    signed_sin: torch.Tensor | None = None
+
+    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
+        t = self.target
+        q_size, kv_size = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        if self.positions is not None:
+            rows = qkv.view(-1, q_size + 2 * kv_size)
+            t.rotary(self.positions, rows[:, :q_size], rows[:, q_size : q_size + kv_size])
+            return qkv
+        qk = t.num_heads + t.num_kv_heads
+        rotated = _apply_rope(qkv[:, :, :qk], self.cos, self.signed_sin)
+        return torch.cat((rotated, qkv[:, :, qk:]), dim=2)

@@ -9,17 +9,20 @@ Drafts only need to be good, not exact (verification is), so the drafter reads a
   without bf16 GEMMs. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations
   move the argmax now and then (down_proj's input, SiLU(gate) * up, has outlier channels).
 Each group's LoRA A matrices can be stacked under the copy's weight (`fused_with`), so one GEMM
-gives both the projection and the adapters' low-rank input.
+gives both the projection and the adapters' low-rank input, and one fused op (csrc's
+`gated_lora_expand`) adds the gated B update while casting to the activations' dtype.
 The copy is made from the projections as served, by applying each to the identity (exact for a
 linear map), so it needs no access to vLLM's packed weight formats or to the checkpoint files.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
 from vllm import _custom_ops as vllm_ops
 
+from vllm_ptp import ops
 from vllm_ptp.models.target import TargetLayer, TargetView
 
 _QINT8_MAX = 127
@@ -39,6 +42,10 @@ class CompactLinear(Protocol):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in the GEMM's own output dtype (__call__ casts it to x's)."""
+        ...
+
     def fused_with(
         self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]
     ) -> "LoraFusedLinear": ...
@@ -55,9 +62,11 @@ class Int8Linear:
         self.packed = torch.ops.quantized.linear_prepack(quantized, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x).to(x.dtype)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: 7-bit activations, as fbgemm needs to avoid int16 overflow on x86.
-        out = torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
-        return out.to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True)
 
     def fused_with(self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]) -> "LoraFusedLinear":
         """This map plus a gated low-rank update, with A's rows quantized under W's. Per-channel
@@ -75,7 +84,10 @@ class Bf16Linear:
         self.handler = vllm_ops.create_onednn_mm(weight.bfloat16().t(), _ONEDNN_PRIMITIVE_CACHE)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return vllm_ops.onednn_mm(self.handler, x.bfloat16(), None).to(x.dtype)
+        return self.gemm(x).to(x.dtype)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return vllm_ops.onednn_mm(self.handler, x.bfloat16(), None)
 
     def fused_with(self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]) -> "LoraFusedLinear":
         """This map plus a gated low-rank update, A's rows stacked under W's in bf16. W is read
@@ -87,33 +99,32 @@ class Bf16Linear:
 
 class LoraFusedLinear:
     """A compact linear over [W; A] and the group's B's (scaling folded in), called as (x, gate):
-    x W^T + ((x A^T) * gate) B^T. B stays in the activations' dtype: at rank 32 its GEMMs are
-    faster as torch addmm than through oneDNN in bf16. One addmm per projection that has an
-    adapter, on its own output columns: the block-diagonal B of a group is mostly zeros (two
-    thirds for qkv), and at a pass's few rows reading B is the cost."""
+    x W^T + ((x A^T) * gate) B^T. B stays in float32: at rank 32 it is a small read. The update
+    is one fused op (`ops.gated_lora_expand`) on the GEMM's raw output: per projection that has
+    an adapter, only its own output columns (the block-diagonal B of a group is mostly zeros,
+    two thirds for qkv), and the cast to x's dtype in the same pass. At a drafter pass's few
+    rows, op calls cost more than the arithmetic."""
 
     def __init__(self, stacked: CompactLinear, lora_Bs: list[torch.Tensor]):
         self.stacked = stacked
         self.out_features = sum(len(b) for b in lora_Bs)
-        self.updates: list[tuple[slice, slice, torch.Tensor]] = []  # columns, ranks, B^T
+        self.lora_Bs_t: list[torch.Tensor] = []
+        self.columns: list[int] = []  # first output column of each B
+        self.ranks: list[int] = []  # first low-rank column of each B
         column = rank = 0
         for lora_B in lora_Bs:
             out_features, lora_rank = lora_B.shape
             if lora_rank:
-                self.updates.append((
-                    slice(column, column + out_features),
-                    slice(rank, rank + lora_rank),
-                    lora_B.T.contiguous(),
-                ))
+                self.lora_Bs_t.append(lora_B.T.float().contiguous())
+                self.columns.append(column)
+                self.ranks.append(rank)
             column, rank = column + out_features, rank + lora_rank
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        out = self.stacked(x)
-        base, low = out[:, : self.out_features], out[:, self.out_features :] * gate
-        # In place: the projection is a strided view of the GEMM's output, not a fresh copy.
-        for columns, ranks, lora_B_t in self.updates:
-            base[:, columns].addmm_(low[:, ranks], lora_B_t)
-        return base
+        out = ops.gated_lora_expand(
+            self.stacked.gemm(x), gate, self.lora_Bs_t, self.columns, self.ranks, self.out_features
+        )
+        return out.to(x.dtype)
 
 
 def _recover_weight(projection: Callable, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -154,15 +165,4 @@ def compact_view(
             for index, layer in enumerate(target.layers)
         ]
         lm_head = compact(target.lm_head, hidden_size)
-    return TargetView(
-        embed_tokens=target.embed_tokens,
-        layers=compact_layers,
-        final_norm=target.final_norm,
-        lm_head=lm_head,
-        num_heads=target.num_heads,
-        num_kv_heads=target.num_kv_heads,
-        head_dim=target.head_dim,
-        rope_theta=target.rope_theta,
-        rms_norm_eps=target.rms_norm_eps,
-        dtype=target.dtype,
-    )
+    return dataclasses.replace(target, layers=compact_layers, lm_head=lm_head)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
+# (positions [T], q [T, heads * head_dim], k [T, kv_heads * head_dim]): RoPE in place.
+InPlaceRotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TargetView:
     rope_theta: float
     rms_norm_eps: float
     dtype: torch.dtype
+    # The target's own RoPE op, in place (vLLM's); None: the drafter computes RoPE itself.
+    rotary: InPlaceRotary | None = None
 
 
 def _rope_theta(hf_config) -> float:
@@ -83,6 +87,7 @@ def from_vllm_llama(model: nn.Module, hf_config) -> TargetView:
         rope_theta=_rope_theta(hf_config),
         rms_norm_eps=hf_config.rms_norm_eps,
         dtype=model.model.norm.weight.dtype,
+        rotary=model.model.layers[0].self_attn.rotary_emb,  # one table, shared by all layers
     )
 
 

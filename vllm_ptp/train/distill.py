@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from vllm_ptp.checkpoint import build_drafter, load_checkpoint, save_checkpoint
 from vllm_ptp.config import PTPCheckpointError, PTPConfig, TargetIdentity
-from vllm_ptp.models.gated_lora_llama import GREEDY_U, GatedLoraDrafter, draft_query
+from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, KVContext, draft_query
 from vllm_ptp.models.target import from_hf_llama
+from vllm_ptp.rng import GREEDY_U
 from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows, sample
 from vllm_ptp.train.data import Sequence
 from vllm_ptp.train.intervals import cdf_intervals, draw_inside
@@ -118,7 +119,7 @@ def drafter_pass(
         kv = teacher.cache.layers[layer]
         return kv.keys.expand(windows, -1, -1, -1), kv.values.expand(windows, -1, -1, -1)
 
-    hidden = drafter(query, context)
+    hidden = drafter(query, KVContext(context, target.num_heads))
     return hidden, drafter.logits(hidden)
 
 
