@@ -27,6 +27,7 @@ VOCABS = (49152, 128256)  # SmolLM2 / Llama-3
 ROWS = (1, 8, 16, 64)
 K = 16  # drafts per request for the uniform and u-embedding ops
 HIDDEN = 576  # SmolLM2-135M
+HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, LORA_RANK = 9, 3, 64, 1536, 32  # SmolLM2-135M, shipped
 BLOCK_SIZE, CONTEXT = 16, 2048
 kernels = torch.ops.vllm_ptp
 
@@ -111,6 +112,37 @@ def cases(quick: bool):
                    ops.reference_paged_slots(table, i, z, CONTEXT, BLOCK_SIZE),
                lambda i=index, z=zeros: ops.paged_slots(table, i, z, CONTEXT, BLOCK_SIZE),
                num_rows * (CONTEXT // BLOCK_SIZE * 4 + CONTEXT * 8 + 16))
+    yield from drafter_pass_cases()
+
+
+def drafter_pass_cases():
+    """The two drafter-pass ops at SmolLM2's shapes, a pass of 1 + 8 rows per request."""
+    q_len = 1 + 8
+    for requests in (1, 8):
+        for context in (128, 1024):
+            blocks = requests * context // BLOCK_SIZE
+            cache = torch.randn(blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
+            slots = torch.randperm(blocks * BLOCK_SIZE)[: requests * context].view(requests, -1)
+            lens = torch.full((requests,), context)
+            qkv = torch.randn(requests, q_len, HEADS + 2 * KV_HEADS, HEAD_DIM)
+            args = (qkv, HEADS, cache, slots, lens)
+            yield ("paged_draft_attention", f"context {context}, 9 rows each", requests, None,
+                   lambda a=args: ops.reference_paged_draft_attention(*a),
+                   lambda a=args: ops.paged_draft_attention(*a),
+                   requests * (2 * context * KV_HEADS * HEAD_DIM * 4 + qkv[0].numel() * 4))
+    out_features = 2 * INTERMEDIATE  # gate_up, the widest group
+    lora_Bs_t = [torch.randn(LORA_RANK, INTERMEDIATE) * 0.05 for _ in range(2)]
+    columns, ranks = [0, INTERMEDIATE], [0, LORA_RANK]
+    for requests in (1, 8):
+        stacked = torch.randn(requests * q_len, out_features + 2 * LORA_RANK).bfloat16()
+        gate = torch.ones(requests, q_len)
+        gate[:, 0] = 0
+        args = (stacked, gate.view(-1), lora_Bs_t, columns, ranks, out_features)
+        yield ("gated_lora_expand", "gate_up, rank 32, bf16 GEMM output", requests * q_len, None,
+               lambda a=args: ops.reference_gated_lora_expand(*a),
+               lambda a=args: ops.gated_lora_expand(*a),
+               stacked.numel() * 2 + 2 * LORA_RANK * INTERMEDIATE * 4
+               + requests * q_len * out_features * 4)
 
 
 def run(quick: bool, min_seconds: float) -> dict:

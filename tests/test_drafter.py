@@ -1,5 +1,7 @@
 """The gated-LoRA drafter against the transformers target it is built on."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -237,3 +239,32 @@ def test_adapters_fused_into_the_compact_gemm_match_the_separate_update(
         update = (separate - plain)[~off]
         assert update.norm() > 0
         assert (out[~off] - separate[~off]).norm() < 0.05 * update.norm()
+
+
+def test_served_rope_is_the_targets_own_op(drafter, hf_target):
+    """Serving rotates q and k with the target's vLLM RoPE (in place on CPU); training computes
+    cos/sin tables. Both give the same rotation (up to the float32 angles of vLLM's table)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    config = hf_target.config
+    target = drafter.target
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(target.head_dim, max_position=config.max_position_embeddings,
+                        rope_parameters=config.rope_parameters, dtype=torch.float32)
+    positions = torch.tensor([[0, 7, 8, 9], [100, 101, 102, 103]])
+    qkv = torch.randn(2, 4, target.num_heads + 2 * target.num_kv_heads, target.head_dim)
+    with torch.no_grad():
+        table = drafter._rope(positions, qkv.dtype)
+        assert table.positions is None
+        expected = table(qkv)
+        # vLLM's CPU op (what the engine runs, in place) and its torch form (new tensors).
+        for rotary in (rope.forward_cpu, rope.forward_native):
+            drafter.bind_target(dataclasses.replace(target, rotary=rotary))
+            served = drafter._rope(positions, qkv.dtype)
+            assert served.positions is not None
+            got = served(qkv.clone())
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            v = target.num_heads + target.num_kv_heads
+            assert torch.equal(got[:, :, v:], qkv[:, :, v:])  # values untouched
+        drafter.bind_target(target)

@@ -326,6 +326,7 @@ class PagedContext:
         )
 
     def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ContextAttention; `mask` is implied by the context lengths (the kernel's own mask)."""
         cache = _cpu_kv_cache(self.attention_layers[layer], self.block_size)
         return ops.paged_draft_attention(
             qkv, self.num_heads, cache, self.slots, self.context_lens

@@ -49,6 +49,7 @@ class KVContext:
     def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return draft_attention(qkv, self.num_heads, *self.kv(layer), mask)
 
+
 # (x, gate) -> a projection group's fused output with the gated adapters added.
 GatedProjection = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -463,7 +464,7 @@ class GatedLoraDrafter(nn.Module):
 class RotaryEmbedding:
     """qkv [N, Q, heads + 2 kv_heads, head_dim] -> the same with RoPE on q and k: in place by
     the target's own op at `positions` [N * Q], or from `cos`/`signed_sin` [N, Q, 1, head_dim]
-    (differentiable, a new tensor)."""
+    (differentiable, into a new tensor)."""
 
     target: TargetView
     positions: torch.Tensor | None = None
@@ -475,7 +476,10 @@ class RotaryEmbedding:
         q_size, kv_size = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
         if self.positions is not None:
             rows = qkv.view(-1, q_size + 2 * kv_size)
-            t.rotary(self.positions, rows[:, :q_size], rows[:, q_size : q_size + kv_size])
+            q, k = rows[:, :q_size], rows[:, q_size : q_size + kv_size]
+            rotated_q, rotated_k = t.rotary(self.positions, q, k)
+            q.copy_(rotated_q)  # no-ops where the op rotated in place (vLLM's CPU/CUDA ops)
+            k.copy_(rotated_k)
             return qkv
         qk = t.num_heads + t.num_kv_heads
         rotated = _apply_rope(qkv[:, :, :qk], self.cos, self.signed_sin)

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
-# (positions [T], q [T, heads * head_dim], k [T, kv_heads * head_dim]): RoPE in place.
-InPlaceRotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+# (positions [T], q [T, heads * head_dim], k [T, kv_heads * head_dim]) -> rotated (q, k), which
+# vLLM's own ops write in place.
+Rotary = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -38,8 +39,8 @@ class TargetView:
     rope_theta: float
     rms_norm_eps: float
     dtype: torch.dtype
-    # The target's own RoPE op, in place (vLLM's); None: the drafter computes RoPE itself.
-    rotary: InPlaceRotary | None = None
+    # The target's own RoPE op (vLLM's); None: the drafter computes RoPE itself.
+    rotary: Rotary | None = None
 
 
 def _rope_theta(hf_config) -> float:
