@@ -292,9 +292,8 @@ def test_paged_slots_match_block_table_indexing(block_size):
 
 
 @pytest.mark.parametrize("stacked_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 9, 72])
-def test_gated_lora_expand_matches_reference(isa, stacked_dtype, b_dtype, rows):
+def test_gated_lora_expand_matches_reference(isa, stacked_dtype, rows):
     """Projections with and without a B (column 0..100 has none), odd widths, gate 0/1 rows."""
     torch.manual_seed(rows)
     widths, ranks = [100, 576, 77, 1536], [0, 32, 8, 32]
@@ -306,7 +305,7 @@ def test_gated_lora_expand_matches_reference(isa, stacked_dtype, b_dtype, rows):
     column = rank = 0
     for width, lora_rank in zip(widths, ranks):
         if lora_rank:
-            lora_Bs_t.append((torch.randn(lora_rank, width) * 0.05).to(b_dtype))
+            lora_Bs_t.append(torch.randn(lora_rank, width) * 0.05)
             columns.append(column)
             rank_starts.append(rank)
         column, rank = column + width, rank + lora_rank

@@ -2,8 +2,9 @@
 
 Each op below has one reference (rng.uniforms, UEmbedding, sampling.sample / sample_and_verify,
 block-table indexing) and the kernels reproduce it exactly: same uniforms, same embeddings, same
-tokens. The exception is `gated_lora_expand`, a drafter GEMM epilogue, whose float sums may run in
-another order than torch's (drafts steer speed only; verification decides every token).
+tokens. The exceptions are the drafter-pass ops `gated_lora_expand` and `paged_draft_attention`,
+whose float sums may run in another order than torch's (drafts steer speed only; verification
+decides every token).
 Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the references.
 """
 
@@ -232,8 +233,8 @@ def gated_lora_expand(
 ) -> torch.Tensor:
     """stacked[:, :out_features] + ((stacked[:, out_features:] * gate) @ B^T) in float32, where
     stacked [M, out_features + R] is a GEMM's output over [W; A] and B^T is block-sparse: block
-    lora_Bs_t[p] [rank_p, columns_p] (float32 or bfloat16) at low-rank columns ranks[p] and
-    output columns columns[p].
+    lora_Bs_t[p] [rank_p, columns_p] (float32) at low-rank columns ranks[p] and output columns
+    columns[p].
     gate: [M] or [M, 1], zero where the adapters are off."""
     if not compiled(stacked.device):
         return reference_gated_lora_expand(stacked, gate, lora_Bs_t, columns, ranks, out_features)
@@ -257,7 +258,7 @@ def reference_gated_lora_expand(
     low = stacked[:, out_features:].float() * gate.reshape(-1, 1)
     for lora_B_t, column, rank in zip(lora_Bs_t, columns, ranks):
         out[:, column : column + lora_B_t.shape[1]].addmm_(
-            low[:, rank : rank + lora_B_t.shape[0]], lora_B_t.float()
+            low[:, rank : rank + lora_B_t.shape[0]], lora_B_t
         )
     return out
 

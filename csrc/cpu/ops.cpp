@@ -528,21 +528,21 @@ void gather_paged_kv(const at::Tensor& cache, const at::Tensor& slots, at::Tenso
 
 // y_i[0..n) += sum_r a_i[r] * b[r * ldb + 0..n) for rows i < R: low-rank updates of R rows
 // over a run of columns.
-template <typename B, int R>
-void rank_update_scalar(const float* const* a, int64_t rank, const B* b, int64_t ldb,
+template <int R>
+void rank_update_scalar(const float* const* a, int64_t rank, const float* b, int64_t ldb,
                         float* const* y, int64_t n) {
   for (int i = 0; i < R; ++i) {
     for (int64_t r = 0; r < rank; ++r) {
-      for (int64_t c = 0; c < n; ++c) y[i][c] += a[i][r] * static_cast<float>(b[r * ldb + c]);
+      for (int64_t c = 0; c < n; ++c) y[i][c] += a[i][r] * b[r * ldb + c];
     }
   }
 }
 
 // The same as a register-blocked micro-kernel: R rows x 64 columns of y stay in registers over
 // all ranks, and each vector of b is loaded once for the R rows.
-template <typename B, int R>
-PTP_AVX512 void rank_update_avx512(const float* const* a, int64_t rank, const B* b, int64_t ldb,
-                                   float* const* y, int64_t n) {
+template <int R>
+PTP_AVX512 void rank_update_avx512(const float* const* a, int64_t rank, const float* b,
+                                   int64_t ldb, float* const* y, int64_t n) {
   for (int64_t c = 0; c < n; c += 64) {
     __mmask16 mask[4];
     __m512 acc[R][4];
@@ -565,19 +565,13 @@ PTP_AVX512 void rank_update_avx512(const float* const* a, int64_t rank, const B*
   }
 }
 
-// rank_update for up to 4 rows at a time, on the active ISA.
-template <typename B>
-void rank_update(const float* const* a, int rows, int64_t rank, const B* b, int64_t ldb,
-                 float* const* y, int64_t n) {
-  const bool avx512 = active_isa() == "avx512";
-  switch (rows) {
-    case 4: return (avx512 ? rank_update_avx512<B, 4> : rank_update_scalar<B, 4>)(a, rank, b, ldb, y, n);
-    case 3: return (avx512 ? rank_update_avx512<B, 3> : rank_update_scalar<B, 3>)(a, rank, b, ldb, y, n);
-    case 2: return (avx512 ? rank_update_avx512<B, 2> : rank_update_scalar<B, 2>)(a, rank, b, ldb, y, n);
-    case 1: return (avx512 ? rank_update_avx512<B, 1> : rank_update_scalar<B, 1>)(a, rank, b, ldb, y, n);
-    default: TORCH_CHECK(false, "rank_update takes 1 to 4 rows");
-  }
-}
+// The rank updates of 1 to 4 rows (index rows - 1), per ISA.
+using RankUpdate = void (*)(const float* const*, int64_t, const float*, int64_t, float* const*,
+                            int64_t);
+constexpr RankUpdate kRankUpdateAvx512[] = {rank_update_avx512<1>, rank_update_avx512<2>,
+                                            rank_update_avx512<3>, rank_update_avx512<4>};
+constexpr RankUpdate kRankUpdateScalar[] = {rank_update_scalar<1>, rank_update_scalar<2>,
+                                            rank_update_scalar<3>, rank_update_scalar<4>};
 
 template <typename T>
 void to_float_scalar(const T* x, float* y, int64_t n) {
@@ -597,7 +591,7 @@ constexpr int64_t kExpandTile = 256;  // output columns per task: a B tile stays
 // out = stacked[:, :out_features] + ((stacked[:, out_features:] * gate) @ B^T), in float32, for
 // the output of a compact GEMM over [W; A] (models/quantized.py). stacked [M, out_features + R]
 // (float32 or bfloat16), gate [M] (nonzero: adapters on), lora_Bs_t[p] [ranks_p, columns_p]
-// (float32 or bfloat16, all alike), the B^T of the projection at output columns columns[p] and
+// float32, the B^T of the projection at output columns columns[p] and
 // low-rank columns ranks[p] of A x. One call replaces the dtype cast, the gate product and one
 // addmm per projection.
 at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
@@ -614,9 +608,8 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
               "one column and one rank offset per B");
   for (size_t p = 0; p < lora_Bs_t.size(); ++p) {
     const at::Tensor& b = lora_Bs_t[p];
-    TORCH_CHECK(b.dim() == 2 && b.is_contiguous() &&
-                b.scalar_type() == lora_Bs_t[0].scalar_type(),
-                "each B^T must be contiguous [rank, columns], all in one dtype");
+    TORCH_CHECK(b.dim() == 2 && b.is_contiguous() && b.scalar_type() == at::kFloat,
+                "each B^T must be contiguous float32 [rank, columns]");
     TORCH_CHECK(columns[p] >= 0 && columns[p] + b.size(1) <= out_features && ranks[p] >= 0 &&
                 ranks[p] + b.size(0) <= total_rank, "B ", p, " outside the stacked output");
   }
@@ -644,47 +637,44 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
   const float* g = gate.data_ptr<float>();
   float* y = out.data_ptr<float>();
   if (tiles.empty() || rows == 0) return out;
-  const at::ScalarType b_dtype =
-      lora_Bs_t.empty() ? at::kFloat : lora_Bs_t[0].scalar_type();
-  dispatch_float(stacked.scalar_type(), "stacked", [&](auto x_type) {
-    dispatch_float(b_dtype, "B", [&](auto b_type) {
-      using T = decltype(x_type);
-      using B = decltype(b_type);
-      const T* x = stacked.data_ptr<T>();
-      const int64_t x_stride = stacked.stride(0);
-      const auto to_float = active_isa() == "avx512" ? to_float_avx512<T> : to_float_scalar<T>;
-      at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> a;  // the gated rows' low-rank inputs, rank floats per row
-        std::vector<float*> y_rows;
-        std::vector<const float*> a_rows;
-        for (int64_t t = begin; t < end; ++t) {
-          const Tile tile = tiles[t];
-          const int64_t width = tile.end - tile.begin;
-          for (int64_t m = 0; m < rows; ++m) {
-            to_float(x + m * x_stride + tile.begin, y + m * out_features + tile.begin, width);
-          }
-          if (tile.projection < 0) continue;
-          const at::Tensor& b = lora_Bs_t[tile.projection];
-          const int64_t rank = b.size(0);
-          a.resize(rows * rank);
-          y_rows.clear();
-          a_rows.clear();
-          for (int64_t m = 0; m < rows; ++m) {
-            if (g[m] == 0.0f) continue;
-            const T* low = x + m * x_stride + out_features + ranks[tile.projection];
-            float* a_m = a.data() + a_rows.size() * rank;
-            for (int64_t r = 0; r < rank; ++r) a_m[r] = static_cast<float>(low[r]) * g[m];
-            a_rows.push_back(a_m);
-            y_rows.push_back(y + m * out_features + tile.begin);
-          }
-          const B* b_tile = b.data_ptr<B>() + (tile.begin - columns[tile.projection]);
-          for (size_t i = 0; i < y_rows.size(); i += 4) {
-            const int group = static_cast<int>(std::min<size_t>(4, y_rows.size() - i));
-            rank_update(a_rows.data() + i, group, rank, b_tile, b.size(1), y_rows.data() + i,
-                        width);
-          }
+  const RankUpdate* rank_update =
+      active_isa() == "avx512" ? kRankUpdateAvx512 : kRankUpdateScalar;
+  dispatch_float(stacked.scalar_type(), "stacked", [&](auto type) {
+    using T = decltype(type);
+    const T* x = stacked.data_ptr<T>();
+    const int64_t x_stride = stacked.stride(0);
+    const auto to_float = active_isa() == "avx512" ? to_float_avx512<T> : to_float_scalar<T>;
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> a;  // the gated rows' low-rank inputs, rank floats per row
+      std::vector<float*> y_rows;
+      std::vector<const float*> a_rows;
+      for (int64_t t = begin; t < end; ++t) {
+        const Tile tile = tiles[t];
+        const int64_t width = tile.end - tile.begin;
+        for (int64_t m = 0; m < rows; ++m) {
+          to_float(x + m * x_stride + tile.begin, y + m * out_features + tile.begin, width);
         }
-      });
+        if (tile.projection < 0) continue;
+        const at::Tensor& b = lora_Bs_t[tile.projection];
+        const int64_t rank = b.size(0);
+        a.resize(rows * rank);
+        y_rows.clear();
+        a_rows.clear();
+        for (int64_t m = 0; m < rows; ++m) {
+          if (g[m] == 0.0f) continue;
+          const T* low = x + m * x_stride + out_features + ranks[tile.projection];
+          float* a_m = a.data() + a_rows.size() * rank;
+          for (int64_t r = 0; r < rank; ++r) a_m[r] = static_cast<float>(low[r]) * g[m];
+          a_rows.push_back(a_m);
+          y_rows.push_back(y + m * out_features + tile.begin);
+        }
+        const float* b_tile = b.data_ptr<float>() + (tile.begin - columns[tile.projection]);
+        for (size_t i = 0; i < y_rows.size(); i += 4) {
+          const size_t group = std::min<size_t>(4, y_rows.size() - i);
+          rank_update[group - 1](a_rows.data() + i, rank, b_tile, b.size(1), y_rows.data() + i,
+                                 width);
+        }
+      }
     });
   });
   return out;

@@ -10,7 +10,6 @@ def draft_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
-    scale: float | None = None,
 ) -> torch.Tensor:
     """qkv [N, Q, heads + 2 kv_heads, head_dim] (q and k after RoPE) attending the context K/V
     and then the rows' own K/V under mask [N, 1, Q, L + Q]: [N, Q, heads, head_dim].
@@ -28,6 +27,6 @@ def draft_attention(
         keys = torch.cat((keys[:, :, :context_len].to(qkv.dtype), own_keys), dim=2)
         values = torch.cat((values[:, :, :context_len].to(qkv.dtype), own_values), dim=2)
     out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        q, keys, values, attn_mask=mask, enable_gqa=True
     )
     return out.transpose(1, 2)
