@@ -1,10 +1,11 @@
-"""Each compiled PTP op against its torch reference: median time per call, calls/s, the ratio,
-and the memory traffic the op needs (bytes it must read and write once).
+"""Each compiled PTP op against its torch reference, with every CPU instruction set the machine
+has (AVX-512, AVX2, scalar): median time per call, calls/s, the ratio, and the memory traffic the
+op needs (bytes it must read and write once).
 
-    flock /tmp/vllm-ptp-heavy.lock .venv/bin/python -m benchmarks.bench_ops
+    flock /tmp/vllm-ptp-heavy.lock .venv/bin/python -m benchmarks.bench_ops [--name ops]
 
-writes benchmarks/results/ops.md and ops.json. Timings mean something only on an idle machine:
-the load average at the start is recorded with the results.
+writes benchmarks/results/<name>.md and <name>.json. Timings mean something only on an idle
+machine: the load average at the start is recorded with the results.
 """
 
 import argparse
@@ -146,26 +147,35 @@ def drafter_pass_cases():
 
 
 def run(quick: bool, min_seconds: float) -> dict:
+    """Every case with the reference and the compiled op under each ISA; `compiled_us`, the
+    speed-up and the rates are the widest ISA's (what serving uses)."""
     assert ops.compiled(), "build csrc/ first (pip install --no-build-isolation -e .)"
+    isas, default_isa = ops.supported_cpu_isas(), kernels.cpu_isa()
     results = []
     with torch.inference_mode():
         for op, config, num_rows, vocab, reference, compiled, traffic in cases(quick):
             ref_s = median_seconds(reference, min_seconds)
-            ker_s = median_seconds(compiled, min_seconds)
+            isa_s = {}
+            for isa in isas:
+                kernels.set_cpu_isa(isa)
+                isa_s[isa] = median_seconds(compiled, min_seconds)
+            kernels.set_cpu_isa(default_isa)
+            ker_s = isa_s[isas[0]]
             results.append({
                 "op": op, "config": config, "rows": num_rows, "vocab": vocab,
                 "reference_us": ref_s * 1e6, "compiled_us": ker_s * 1e6,
+                "compiled_us_by_isa": {isa: t * 1e6 for isa, t in isa_s.items()},
                 "compiled_calls_per_s": 1 / ker_s, "reference_calls_per_s": 1 / ref_s,
                 "speedup": ref_s / ker_s, "bytes_per_call": traffic,
                 "compiled_gb_per_s": traffic / ker_s / 1e9,
             })
+            by_isa = "  ".join(f"{isa} {t * 1e6:9.1f} us" for isa, t in isa_s.items())
             print(f"{op:18} {config:22} rows {num_rows:3} vocab {vocab or '-':>6}: "
-                  f"ref {ref_s * 1e6:10.1f} us  compiled {ker_s * 1e6:9.1f} us  "
-                  f"x{ref_s / ker_s:6.2f}", flush=True)
+                  f"ref {ref_s * 1e6:10.1f} us  {by_isa}  x{ref_s / ker_s:6.2f}", flush=True)
     return {
         "machine": {
             "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_isa": kernels.cpu_isa(), "torch": torch.__version__,
+            "cpu_isa": default_isa, "cpu_isas": isas, "torch": torch.__version__,
             "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
         },
         "results": results,
@@ -181,6 +191,7 @@ def _cpu_name() -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
+    isas = m["cpu_isas"]
     lines = [
         "# PTP ops: compiled kernels vs torch references",
         "",
@@ -188,17 +199,21 @@ def markdown(report: dict) -> str:
         f"{m['cpu_isa']}, torch {m['torch']}; load average at start "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}. Median of repeated "
         "calls. Traffic: bytes the op must read and write once (fp32 logits); GB/s = traffic / "
-        "compiled time. `sample_and_verify` rows: requests of 7 drafts + bonus, all accepted "
-        "(every row sampled, the fused kernel's worst case).",
+        f"compiled time, both for {isas[0]} (what serving uses). Without a SIMD ISA "
+        "`paged_draft_attention` is its reference (gathered K/V, torch's attention). "
+        "`sample_and_verify` rows: requests of 7 drafts + bonus, all accepted (every row "
+        "sampled, the fused kernel's worst case).",
         "",
-        "| op | config | rows | vocab | reference µs | compiled µs | speed-up | compiled calls/s "
-        "| traffic | GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| op | config | rows | vocab | reference µs | "
+        + " | ".join(f"{isa} µs" for isa in isas)
+        + " | speed-up | compiled calls/s | traffic | GB/s |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(isas) + "---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        by_isa = " | ".join(f"{r['compiled_us_by_isa'][isa]:.1f}" for isa in isas)
         lines.append(
             f"| {r['op']} | {r['config']} | {r['rows']} | {r['vocab'] or '–'} "
-            f"| {r['reference_us']:.1f} | {r['compiled_us']:.1f} | {r['speedup']:.2f}× "
+            f"| {r['reference_us']:.1f} | {by_isa} | {r['speedup']:.2f}× "
             f"| {r['compiled_calls_per_s']:.0f} | {_bytes(r['bytes_per_call'])} "
             f"| {r['compiled_gb_per_s']:.2f} |"
         )
@@ -217,15 +232,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="vocab 49152 only, short timings")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="timing per case")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads (default: torch's)")
+    parser.add_argument("--name", default="ops", help="results file name (.md and .json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     report = run(args.quick, 0.1 if args.quick else args.min_seconds)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ops.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "ops.md").write_text(markdown(report))
-    print(f"wrote {RESULTS / 'ops.md'}")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(report))
+    print(f"wrote {RESULTS / args.name}.md")
 
 
 if __name__ == "__main__":

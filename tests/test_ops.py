@@ -1,6 +1,6 @@
 """The compiled ops (csrc/) against their torch references: exact equality, awkward sizes.
 
-Every sampling check runs the CPU kernel with its AVX-512 path (where the CPU has it) and with
+Every sampling check runs the CPU kernel with each SIMD path the CPU has (AVX-512, AVX2) and with
 its scalar fallback, and the CUDA kernel's block algorithm on the host over an emulated grid.
 """
 
@@ -14,7 +14,7 @@ from vllm_ptp.rng import GREEDY_U
 
 pytestmark = pytest.mark.skipif(not ops.compiled(), reason="compiled ops not built")
 kernels = torch.ops.vllm_ptp
-ISAS = ["avx512", "scalar"] if kernels.cpu_isa() == "avx512" else ["scalar"]
+ISAS = ops.supported_cpu_isas() if ops.compiled() else []
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -46,7 +46,11 @@ def assert_same_tokens(logits, rows, emulate_threads=(1, 7, 64)):
 
 def test_compiled_ops_are_active():
     assert ops.compiled("cpu")
-    assert kernels.cpu_isa() in ("avx512", "scalar")
+    assert kernels.cpu_isa() == ops.supported_cpu_isas()[0]  # the widest this CPU has
+    assert "scalar" in ops.supported_cpu_isas()
+    assert not kernels.cpu_isa_supported("sse9")
+    with pytest.raises(RuntimeError, match="must be 'scalar', 'avx2' or 'avx512'"):
+        kernels.set_cpu_isa("sse9")
 
 
 # ---- uniforms ----------------------------------------------------------------------------------
@@ -321,3 +325,35 @@ def test_gated_lora_expand_refuses_overlapping_blocks():
     b = torch.zeros(4, 8)
     with pytest.raises(RuntimeError, match="overlap"):
         kernels.gated_lora_expand(torch.zeros(2, 20), torch.ones(2), [b, b], [0, 4], [0, 4], 12)
+
+
+# ---- fp16-weight GEMM (the compact drafter weights on AVX2 CPUs) -------------------------------
+
+
+needs_simd = pytest.mark.skipif(not ops.compiled() or not ops.simd_kernels(),
+                                reason="the kernel needs AVX2")
+
+
+@needs_simd
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 9, 71])
+@pytest.mark.parametrize("out_features, in_features", [(1, 8), (17, 576), (100, 37)])
+def test_half_linear_matches_reference(rows, out_features, in_features):
+    """Panels cut short (out_features not a multiple of 16), row groups of 1 to 6."""
+    torch.manual_seed(rows + out_features)
+    weight = torch.randn(out_features, in_features)
+    packed = ops.pack_half_weight(weight)
+    assert packed.shape == ((out_features + 15) // 16, in_features, 16)
+    x = torch.randn(rows, in_features)
+    expected = ops.reference_half_linear(x, packed, out_features)
+    torch.testing.assert_close(expected, x @ weight.half().float().T)  # the packing is W
+    got = ops.half_linear(x, packed, out_features)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    # Sums of up to 576 products of size ~1 in another order (FMA).
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_simd
+def test_half_linear_rejects_a_mismatched_packing():
+    packed = ops.pack_half_weight(torch.zeros(20, 8))
+    with pytest.raises(RuntimeError, match="ceil"):
+        kernels.half_linear(torch.zeros(2, 8), packed, 40)

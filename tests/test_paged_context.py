@@ -23,18 +23,29 @@ class BlockTable:  # vLLM's BlockTable fields PagedContext reads
         self.block_table = type("Buffer", (), {"np": np.array(rows, dtype=np.int32)})
 
 
-@pytest.fixture(params=["avx512", "scalar"])
-def isa(request):
-    """The fused attention kernel (AVX-512), or gathered K/V and torch's attention."""
+def use_isa(isa: str):
+    """Runs the kernels with `isa` while the test runs (skipped where the CPU lacks it)."""
     if not ptp_ops.compiled():
         pytest.skip("compiled ops not built")
+    if isa not in ptp_ops.supported_cpu_isas():
+        pytest.skip(f"no {isa} here")
     kernels = torch.ops.vllm_ptp
-    if request.param == "avx512" and kernels.cpu_isa() != "avx512":
-        pytest.skip("no AVX-512 here")
     previous = kernels.cpu_isa()
-    kernels.set_cpu_isa(request.param)
-    yield request.param
+    kernels.set_cpu_isa(isa)
+    yield isa
     kernels.set_cpu_isa(previous)
+
+
+@pytest.fixture(params=ptp_ops.CPU_ISAS)
+def isa(request):
+    """The fused attention kernel (AVX-512 or AVX2), or gathered K/V and torch's attention."""
+    yield from use_isa(request.param)
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def kernel_isa(request):
+    """The fused attention kernel's SIMD paths."""
+    yield from use_isa(request.param)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -75,14 +86,12 @@ def test_context_attention_reads_what_vllm_wrote(block_size, isa):
             torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not ptp_ops.compiled(), reason="compiled ops not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len", [1, 9])
-def test_attention_kernel_matches_the_torch_reference(dtype, q_len):
-    if torch.ops.vllm_ptp.cpu_isa() != "avx512":
-        pytest.skip("the kernel needs AVX-512")
+@pytest.mark.parametrize("head_dim", [64, 40])  # 40: vectors cut short in every SIMD width
+def test_attention_kernel_matches_the_torch_reference(dtype, q_len, head_dim, kernel_isa):
     torch.manual_seed(0)
-    num_blocks, kv_heads, heads, block_size, head_dim = 7, 3, 9, 16, 64
+    num_blocks, kv_heads, heads, block_size = 7, 3, 9, 16
     cache = torch.randn(num_blocks, kv_heads, block_size, 2 * head_dim).to(dtype)
     slots = torch.randint(0, num_blocks * block_size, (4, 37))
     slots[1, 30:] = -1  # past the block table: a zero key and value
@@ -120,10 +129,7 @@ def test_gather_kernel_rejects_slots_outside_the_cache():
         ptp_ops.gather_paged_kv(cache, torch.tensor([[0, 32]]), out, out.clone())
 
 
-@pytest.mark.skipif(not ptp_ops.compiled(), reason="compiled ops not built")
-def test_attention_kernel_rejects_slots_outside_the_cache():
-    if torch.ops.vllm_ptp.cpu_isa() != "avx512":
-        pytest.skip("the kernel needs AVX-512")
+def test_attention_kernel_rejects_slots_outside_the_cache(kernel_isa):
     cache, qkv = torch.zeros(2, 3, 16, 128), torch.zeros(1, 1, 15, 64)
     with pytest.raises(RuntimeError, match="outside the cache"):
         ptp_ops.paged_draft_attention(qkv, 9, cache, torch.tensor([[0, 32]]), torch.tensor([2]))

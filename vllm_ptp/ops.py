@@ -2,9 +2,9 @@
 
 Each op below has one reference (rng.uniforms, UEmbedding, sampling.sample / sample_and_verify,
 block-table indexing) and the kernels reproduce it exactly: same uniforms, same embeddings, same
-tokens. The exceptions are the drafter-pass ops `gated_lora_expand` and `paged_draft_attention`,
-whose float sums may run in another order than torch's (drafts steer speed only; verification
-decides every token).
+tokens. The exceptions are the drafter-pass ops `gated_lora_expand`, `half_linear` and
+`paged_draft_attention`, whose float sums may run in another order than torch's (drafts steer
+speed only; verification decides every token).
 Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the references.
 """
 
@@ -58,6 +58,22 @@ def compiled(device: torch.device | str = "cpu") -> bool:
     return torch.device(device).type in _loaded()
 
 
+# The CPU kernels' instruction sets. They use the widest the CPU has; VLLM_PTP_CPU_ISA picks a
+# narrower one (e.g. scalar).
+CPU_ISAS = ("avx512", "avx2", "scalar")
+
+
+def supported_cpu_isas() -> list[str]:
+    """The CPU kernels' instruction sets this machine can run, widest first."""
+    return [isa for isa in CPU_ISAS if torch.ops.vllm_ptp.cpu_isa_supported(isa)]
+
+
+def simd_kernels(device: torch.device | str = "cpu") -> bool:
+    """Whether compiled ops with a SIMD ISA (AVX2 or AVX-512) serve this device's tensors: the
+    drafter-pass kernels `paged_draft_attention` and `half_linear` have no scalar version."""
+    return compiled(device) and torch.ops.vllm_ptp.cpu_isa() != "scalar"
+
+
 def _register_fakes() -> None:
     # Shapes for torch.compile / meta tensors.
     def fake_sample(logits, temperature, top_k, top_p, min_p, u):
@@ -76,6 +92,9 @@ def _register_fakes() -> None:
     def fake_lora_expand(stacked, gate, lora_Bs_t, columns, ranks, out_features):
         return stacked.new_empty(stacked.shape[0], out_features, dtype=torch.float32)
 
+    def fake_half_linear(x, packed, out_features):
+        return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
     for name, fake in [
         ("uniforms", lambda seeds, positions: seeds.new_empty(seeds.shape, dtype=torch.float32)),
         ("sample", fake_sample),
@@ -84,6 +103,7 @@ def _register_fakes() -> None:
         ("gather_paged_kv", lambda *args: None),
         ("write_u_embeddings", lambda *args: None),
         ("gated_lora_expand", fake_lora_expand),
+        ("half_linear", fake_half_linear),
         ("paged_draft_attention", fake_attention),
     ]:
         torch.library.register_fake(f"vllm_ptp::{name}", fake)
@@ -263,6 +283,30 @@ def reference_gated_lora_expand(
     return out
 
 
+HALF_PANEL = 16  # output columns per panel of half_linear's packed weights
+
+
+def pack_half_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] as `half_linear` reads it: fp16 panels of 16 output columns, each k-major
+    ([ceil(N / 16), K, 16]), zeros past N."""
+    out_features, in_features = weight.shape
+    padded = torch.nn.functional.pad(weight.half(), (0, 0, 0, -out_features % HALF_PANEL))
+    return padded.view(-1, HALF_PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def half_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x W^T in float32 for fp16 weights packed by `pack_half_weight`. The kernel needs AVX2;
+    without it, torch over the unpacked weights."""
+    if not simd_kernels(x.device):
+        return reference_half_linear(x, packed, out_features)
+    return torch.ops.vllm_ptp.half_linear(x.float().contiguous(), packed, out_features)
+
+
+def reference_half_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    weight = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features]
+    return x.float() @ weight.float().T
+
+
 def paged_draft_attention(
     qkv: torch.Tensor,
     num_heads: int,
@@ -274,8 +318,9 @@ def paged_draft_attention(
     [blocks, kv_heads, block_size, 2 * head_dim] keeps them (no gathered copy): qkv [N, Q,
     heads + 2 kv_heads, head_dim] (q and k after RoPE) -> [N, Q, heads, head_dim]. Row i of
     request n attends its first context_lens[n] positions, at slots [N, L], and rows 0..i.
-    The kernel needs AVX-512; elsewhere the context is gathered for torch's attention."""
-    if not (compiled(qkv.device) and torch.ops.vllm_ptp.cpu_isa() == "avx512"):
+    The kernel needs AVX2 or AVX-512; without them the context is gathered for torch's
+    attention."""
+    if not simd_kernels(qkv.device):
         return reference_paged_draft_attention(qkv, num_heads, cache, slots, context_lens)
     return torch.ops.vllm_ptp.paged_draft_attention(
         qkv.contiguous(), num_heads, cache, slots.long().contiguous(),

@@ -23,7 +23,7 @@ from vllm_ptp import lookup, ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
-from vllm_ptp.models.quantized import COMPACT_FORMATS, compact_view, has_bf16_gemms
+from vllm_ptp.models.quantized import COMPACT_FORMATS, best_compact_format, compact_view
 from vllm_ptp.models.target import TargetView, from_vllm_llama
 from vllm_ptp.sampling import SamplingRows
 
@@ -35,12 +35,9 @@ DRAFT_WEIGHTS_CHOICES = (*COMPACT_FORMATS, "target")
 def draft_weights_setting(device: torch.device) -> str:
     """`VLLM_PTP_DRAFT_WEIGHTS`: which copy of the target's weights the drafter reads. On CPU
     the default is a compact copy (models/quantized.py): `bf16` where the CPU has bf16 GEMMs,
-    else `int8`; `target` reads the served weights themselves (the default on other devices).
-    Drafts only steer speed: output is exact either way."""
-    if device.type != "cpu":
-        default = "target"
-    else:
-        default = "bf16" if has_bf16_gemms() else "int8"
+    else `fp16` where it has AVX2, else `int8`; `target` reads the served weights themselves
+    (the default on other devices). Drafts only steer speed: output is exact either way."""
+    default = best_compact_format() if device.type == "cpu" else "target"
     setting = os.environ.get("VLLM_PTP_DRAFT_WEIGHTS", default)
     if setting not in DRAFT_WEIGHTS_CHOICES:
         raise ValueError(

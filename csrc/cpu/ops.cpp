@@ -1,25 +1,26 @@
 // CPU kernels of the PTP auxiliary-variable path, registered as torch ops (namespace vllm_ptp).
-// The per-row vocabulary passes have an AVX-512 path chosen at run time and a scalar fallback;
-// both compute exactly the values of ptp_kernels.h, so the choice never changes a token.
-#include <immintrin.h>
-#include <torch/extension.h>
-
+// The SIMD kernels have an AVX-512 and an AVX2 version (avx512.h, avx2.h), chosen at run time,
+// and a scalar fallback here; the vocabulary passes compute exactly the values of ptp_kernels.h
+// in all three, so the choice never changes a token.
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "../op_checks.h"
+#include "avx2.h"
+#include "avx512.h"
 
 namespace {
 
 using ptp::RowParams;
 using ptp::SamplingParams;
 using ptp::dispatch_float;
-
-constexpr int64_t kBlock = 256;  // tokens per prefix-sum block of the search
-#define PTP_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
+using ptp::cpu::kBlock;
+namespace avx2 = ptp::cpu::avx2;
+namespace avx512 = ptp::cpu::avx512;
 
 // ---- scalar fallback ----------------------------------------------------------------------------
 
@@ -56,106 +57,45 @@ int64_t weights_scalar(const T* x, int64_t n, const RowParams& p, int64_t* block
   return total;
 }
 
-// ---- AVX-512 ------------------------------------------------------------------------------------
-
-PTP_AVX512 inline __m512 load16(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
-
-PTP_AVX512 inline __m512 load16(const c10::BFloat16* x, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, x);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-PTP_AVX512 inline __m512 load16(const c10::Half* x, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x));
-}
-
-PTP_AVX512 inline __mmask16 lanes(int64_t remaining) {
-  return remaining >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
-template <typename T>
-PTP_AVX512 float row_max_avx512(const T* x, int64_t n) {
-  __m512 best = _mm512_set1_ps(-INFINITY);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes(n - i);
-    best = _mm512_mask_max_ps(best, m, best, load16(x + i, m));
-  }
-  return _mm512_reduce_max_ps(best);
-}
-
-template <typename T>
-PTP_AVX512 int64_t first_equal_avx512(const T* x, int64_t n, float value) {
-  const __m512 target = _mm512_set1_ps(value);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes(n - i);
-    const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16(x + i, m), target, _CMP_EQ_OQ);
-    if (hit) return i + __builtin_ctz(hit);
-  }
-  return n;
-}
-
-// ptp::exp_nonpositive, 16 lanes at a time (d in [kMinExponent, 0]; the caller masks the rest).
-PTP_AVX512 inline __m512 exp_nonpositive_avx512(__m512 d) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 c[] = {_mm512_set1_ps(ptp::kC6), _mm512_set1_ps(ptp::kC5),
-                      _mm512_set1_ps(ptp::kC4), _mm512_set1_ps(ptp::kC3),
-                      _mm512_set1_ps(ptp::kC2), one, one};
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(d, _mm512_set1_ps(ptp::kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_sub_ps(d, _mm512_mul_ps(k, _mm512_set1_ps(ptp::kLn2Hi)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(ptp::kLn2Lo)));
-  __m512 poly = c[0];
-  for (int j = 1; j < 7; ++j) poly = _mm512_add_ps(_mm512_mul_ps(poly, r), c[j]);
-  const __m512i exponent = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
-  return _mm512_mul_ps(poly, _mm512_castsi512_ps(_mm512_slli_epi32(exponent, 23)));
-}
-
-// The op sequence of ptp::weight_of, 16 lanes at a time.
-template <typename T>
-PTP_AVX512 int64_t weights_avx512(const T* x, int64_t n, const RowParams& p, int64_t* block_sums,
-                                  int64_t* w) {
-  const __m512 inv_t = _mm512_set1_ps(p.inv_temperature), max_s = _mm512_set1_ps(p.max_scaled);
-  const __m512 min_d = _mm512_set1_ps(ptp::kMinExponent), min_p = _mm512_set1_ps(p.min_p);
-  const __m512 scale = _mm512_set1_ps(ptp::kWeightScale);
-  int64_t total = 0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t i = start; i < std::min(n, start + kBlock); i += 16) {
-      const __mmask16 m = lanes(n - i);
-      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(load16(x + i, m), inv_t), max_s);
-      __mmask16 valid = _mm512_mask_cmp_ps_mask(m, d, min_d, _CMP_GE_OQ);
-      const __m512 e = exp_nonpositive_avx512(d);
-      valid = _mm512_mask_cmp_ps_mask(valid, e, min_p, _CMP_GE_OQ);
-      const __m512 scaled = _mm512_mul_ps(e, scale);
-      const __m512i lo = _mm512_maskz_mov_epi64(
-          static_cast<__mmask8>(valid), _mm512_cvttps_epi64(_mm512_castps512_ps256(scaled)));
-      const __m512i hi = _mm512_maskz_mov_epi64(
-          static_cast<__mmask8>(valid >> 8), _mm512_cvttps_epi64(_mm512_extractf32x8_ps(scaled, 1)));
-      if (w) {
-        _mm512_mask_storeu_epi64(w + i, static_cast<__mmask8>(m), lo);
-        _mm512_mask_storeu_epi64(w + i + 8, static_cast<__mmask8>(m >> 8), hi);
-      }
-      sum = _mm512_add_epi64(sum, _mm512_add_epi64(lo, hi));
-    }
-    block_sums[start / kBlock] = _mm512_reduce_add_epi64(sum);
-    total += block_sums[start / kBlock];
-  }
-  return total;
-}
-
 // ---- dispatch -----------------------------------------------------------------------------------
 
-bool avx512_supported() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+enum class Isa { kScalar, kAvx2, kAvx512 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+bool supported(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    default:
+      return true;
+  }
 }
 
-// "avx512" or "scalar"; VLLM_PTP_CPU_ISA=scalar forces the fallback.
-std::string& active_isa() {
-  static std::string isa = [] {
-    const char* forced = std::getenv("VLLM_PTP_CPU_ISA");
-    if (forced && std::string(forced) == "scalar") return std::string("scalar");
-    return std::string(avx512_supported() ? "avx512" : "scalar");
+std::optional<Isa> isa_named(const std::string& name) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (name == kIsaNames[static_cast<int>(isa)]) return isa;
+  }
+  return std::nullopt;
+}
+
+// `name` as an ISA this CPU supports, or a clear error.
+Isa supported_isa(const std::string& name) {
+  const std::optional<Isa> isa = isa_named(name);
+  TORCH_CHECK(isa, "CPU ISA must be 'scalar', 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(supported(*isa), "this CPU does not support the ", name, " kernels");
+  return *isa;
+}
+
+// The widest ISA the CPU supports; VLLM_PTP_CPU_ISA (e.g. scalar) picks a narrower one.
+Isa& active_isa() {
+  static Isa isa = [] {
+    if (const char* forced = std::getenv("VLLM_PTP_CPU_ISA")) return supported_isa(forced);
+    return supported(Isa::kAvx512) ? Isa::kAvx512
+           : supported(Isa::kAvx2) ? Isa::kAvx2 : Isa::kScalar;
   }();
   return isa;
 }
@@ -167,10 +107,11 @@ struct RowKernels {
   int64_t (*weights)(const T*, int64_t, const RowParams&, int64_t*, int64_t*);
 
   static RowKernels get() {
-    if (active_isa() == "avx512") {
-      return {row_max_avx512<T>, first_equal_avx512<T>, weights_avx512<T>};
+    switch (active_isa()) {
+      case Isa::kAvx512: return {avx512::row_max<T>, avx512::first_equal<T>, avx512::weights<T>};
+      case Isa::kAvx2: return {avx2::row_max<T>, avx2::first_equal<T>, avx2::weights<T>};
+      default: return {row_max_scalar<T>, first_equal_scalar<T>, weights_scalar<T>};
     }
-    return {row_max_scalar<T>, first_equal_scalar<T>, weights_scalar<T>};
   }
 };
 
@@ -538,40 +479,14 @@ void rank_update_scalar(const float* const* a, int64_t rank, const float* b, int
   }
 }
 
-// The same as a register-blocked micro-kernel: R rows x 64 columns of y stay in registers over
-// all ranks, and each vector of b is loaded once for the R rows.
-template <int R>
-PTP_AVX512 void rank_update_avx512(const float* const* a, int64_t rank, const float* b,
-                                   int64_t ldb, float* const* y, int64_t n) {
-  for (int64_t c = 0; c < n; c += 64) {
-    __mmask16 mask[4];
-    __m512 acc[R][4];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t remaining = n - c - 16 * j;
-      mask[j] = remaining > 0 ? lanes(remaining) : 0;
-      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_maskz_loadu_ps(mask[j], y[i] + c + 16 * j);
-    }
-    for (int64_t r = 0; r < rank; ++r) {
-      __m512 b_r[4];
-      for (int j = 0; j < 4; ++j) b_r[j] = load16(b + r * ldb + c + 16 * j, mask[j]);
-      for (int i = 0; i < R; ++i) {
-        const __m512 a_ir = _mm512_set1_ps(a[i][r]);
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(a_ir, b_r[j], acc[i][j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) {
-      for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y[i] + c + 16 * j, mask[j], acc[i][j]);
-    }
-  }
-}
-
-// The rank updates of 1 to 4 rows (index rows - 1), per ISA.
+// The rank updates of 1 to 4 rows (index rows - 1), per ISA (indexed by Isa).
 using RankUpdate = void (*)(const float* const*, int64_t, const float*, int64_t, float* const*,
                             int64_t);
-constexpr RankUpdate kRankUpdateAvx512[] = {rank_update_avx512<1>, rank_update_avx512<2>,
-                                            rank_update_avx512<3>, rank_update_avx512<4>};
-constexpr RankUpdate kRankUpdateScalar[] = {rank_update_scalar<1>, rank_update_scalar<2>,
-                                            rank_update_scalar<3>, rank_update_scalar<4>};
+constexpr RankUpdate kRankUpdates[][4] = {
+    {rank_update_scalar<1>, rank_update_scalar<2>, rank_update_scalar<3>, rank_update_scalar<4>},
+    {avx2::rank_update<1>, avx2::rank_update<2>, avx2::rank_update<3>, avx2::rank_update<4>},
+    {avx512::rank_update<1>, avx512::rank_update<2>, avx512::rank_update<3>,
+     avx512::rank_update<4>}};
 
 template <typename T>
 void to_float_scalar(const T* x, float* y, int64_t n) {
@@ -579,10 +494,11 @@ void to_float_scalar(const T* x, float* y, int64_t n) {
 }
 
 template <typename T>
-PTP_AVX512 void to_float_avx512(const T* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = lanes(n - i);
-    _mm512_mask_storeu_ps(y + i, m, load16(x + i, m));
+auto to_float_kernel(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return avx512::to_float<T>;
+    case Isa::kAvx2: return avx2::to_float<T>;
+    default: return to_float_scalar<T>;
   }
 }
 
@@ -637,13 +553,12 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
   const float* g = gate.data_ptr<float>();
   float* y = out.data_ptr<float>();
   if (tiles.empty() || rows == 0) return out;
-  const RankUpdate* rank_update =
-      active_isa() == "avx512" ? kRankUpdateAvx512 : kRankUpdateScalar;
+  const RankUpdate* rank_update = kRankUpdates[static_cast<int>(active_isa())];
   dispatch_float(stacked.scalar_type(), "stacked", [&](auto type) {
     using T = decltype(type);
     const T* x = stacked.data_ptr<T>();
     const int64_t x_stride = stacked.stride(0);
-    const auto to_float = active_isa() == "avx512" ? to_float_avx512<T> : to_float_scalar<T>;
+    const auto to_float = to_float_kernel<T>(active_isa());
     at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
       std::vector<float> a;  // the gated rows' low-rank inputs, rank floats per row
       std::vector<float*> y_rows;
@@ -680,11 +595,58 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
   return out;
 }
 
+// ---- fp16 weights GEMM -------------------------------------------------------------------------
+
+constexpr int64_t kHalfPanel = 16;  // output columns per packed panel (two AVX2 vectors)
+using HalfGemmTile = void (*)(const float*, int64_t, const c10::Half*, int64_t, float*, int64_t,
+                              int64_t);
+constexpr int64_t kHalfTileRows = 6;  // rows per tile (index rows - 1)
+constexpr HalfGemmTile kHalfGemmTiles[kHalfTileRows] = {
+    avx2::half_gemm_tile<1>, avx2::half_gemm_tile<2>, avx2::half_gemm_tile<3>,
+    avx2::half_gemm_tile<4>, avx2::half_gemm_tile<5>, avx2::half_gemm_tile<6>};
+
+// y = x W^T in float32 for float32 x [M, K] and fp16 weights W [N, K] packed in panels of 16
+// output columns, k-major ([ceil(N / 16), K, 16], zeros past N): the drafter's compact GEMM on
+// CPUs with AVX2 but no 16-bit GEMMs of their own (half the bytes of fp32 weights, and rounding
+// far finer than int8's). One task per panel, over the rows in groups of at most 6, as even as
+// can be (9 rows: 5 + 4, not 6 + 3, whose 3 would leave the FMA units waiting on latency).
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK(active_isa() != Isa::kScalar, "half_linear needs AVX2");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+              x.device().is_cpu(), "x must be a float32 CPU [rows, in_features] tensor, rows "
+              "contiguous");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kHalfPanel &&
+              packed.scalar_type() == at::kHalf && packed.is_contiguous() &&
+              packed.size(1) == x.size(1) && out_features > 0 &&
+              (out_features + kHalfPanel - 1) / kHalfPanel == packed.size(0),
+              "packed must be contiguous fp16 [ceil(out_features / 16), in_features, 16]");
+  const int64_t rows = x.size(0), k_dim = x.size(1), ldx = x.stride(0);
+  const int64_t groups = (rows + kHalfTileRows - 1) / kHalfTileRows;
+  const int64_t group_rows = groups ? (rows + groups - 1) / groups : 0;
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  const float* xd = x.data_ptr<float>();
+  const c10::Half* w = packed.data_ptr<c10::Half>();
+  float* yd = y.data_ptr<float>();
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t column = panel * kHalfPanel;
+      const int64_t columns = std::min(kHalfPanel, out_features - column);
+      for (int64_t r = 0; r < rows; r += group_rows) {
+        kHalfGemmTiles[std::min(group_rows, rows - r) - 1](
+            xd + r * ldx, ldx, w + panel * k_dim * kHalfPanel, k_dim,
+            yd + r * out_features + column, out_features, columns);
+      }
+    }
+  });
+  return y;
+}
+
 // ---- drafter attention over the paged KV cache --------------------------------------------------
 
 // One drafter pass's attention for request n and KV head h, straight from vLLM's paged CPU cache
 // (no gathered copy): its G = heads / kv_heads query heads times Q rows attend the request's
-// context_len cached positions and, causally, the pass's own Q rows (K/V in qkv).
+// context_len cached positions and, causally, the pass's own Q rows (K/V in qkv). The SIMD
+// primitives come from `Simd`: avx512::Attention<T> or avx2::Attention<T>.
 template <typename T>
 struct DraftAttention {
   const T* qkv;  // [N, Q, heads + 2 kv_heads, head_dim], q and k after RoPE
@@ -712,76 +674,27 @@ struct DraftAttention {
            block_size * head_dim + (s % block_size) * head_dim;
   }
 
-  // scores[i][0..run) = queries[i] . keys of a run of consecutive slots of one block, for R
-  // rows: 16 positions at a time, R accumulators in registers, each key vector loaded once.
-  template <int R>
-  PTP_AVX512 void score_rows(const float* queries, const T* keys, int64_t run, float* scores,
-                             int64_t score_stride) const {
-    for (int64_t t = 0; t < run; t += 16) {
-      const __mmask16 m = lanes(run - t);
-      __m512 acc[R];
-      for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < head_dim; ++d) {
-        const __m512 k = load16(keys + d * block_size + t, m);
-        for (int i = 0; i < R; ++i) {
-          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(queries[i * head_dim + d]), k, acc[i]);
-        }
-      }
-      for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(scores + i * score_stride + t, m, acc[i]);
-    }
-  }
-
+  // scores[r][0..run) = queries[r] . keys of a run of consecutive slots of one block, 8 rows
+  // at a time.
+  template <typename Simd>
   void score_run(const float* queries, int64_t num_rows, const T* keys, int64_t run,
                  float* scores, int64_t score_stride) const {
     int64_t r = 0;
     for (; r + 8 <= num_rows; r += 8) {
-      score_rows<8>(queries + r * head_dim, keys, run, scores + r * score_stride, score_stride);
+      Simd::template score_rows<8>(queries + r * head_dim, keys, run, head_dim, block_size,
+                                   scores + r * score_stride, score_stride);
     }
     for (; r < num_rows; ++r) {
-      score_rows<1>(queries + r * head_dim, keys, run, scores + r * score_stride, score_stride);
-    }
-  }
-
-  PTP_AVX512 float dot(const float* q, const T* k) const {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < head_dim; d += 16) {
-      const __mmask16 m = lanes(head_dim - d);
-      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), load16(k + d, m), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-  }
-
-  // out[i][0..64) (i < R, 64 dims from dim d0, masked past head_dim) = sum over the positions j
-  // of p[i][j] * value(j)[d0..], the accumulators held in registers. values[j] is position j's
-  // value row (nullptr: a zero value).
-  template <int R>
-  PTP_AVX512 void weighted_values(const float* const* p, const T* const* values, int64_t count,
-                                  int64_t d0, float* const* out) const {
-    __mmask16 mask[4];
-    __m512 acc[R][4];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t remaining = head_dim - d0 - 16 * c;
-      mask[c] = remaining > 0 ? lanes(remaining) : 0;
-      for (int i = 0; i < R; ++i) acc[i][c] = _mm512_setzero_ps();
-    }
-    for (int64_t j = 0; j < count; ++j) {
-      if (values[j] == nullptr) continue;
-      __m512 v[4];
-      for (int c = 0; c < 4; ++c) v[c] = load16(values[j] + d0 + 16 * c, mask[c]);
-      for (int i = 0; i < R; ++i) {
-        const __m512 weight = _mm512_set1_ps(p[i][j]);
-        for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(weight, v[c], acc[i][c]);
-      }
-    }
-    for (int i = 0; i < R; ++i) {
-      for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(out[i] + d0 + 16 * c, mask[c], acc[i][c]);
+      Simd::template score_rows<1>(queries + r * head_dim, keys, run, head_dim, block_size,
+                                   scores + r * score_stride, score_stride);
     }
   }
 
   // Rows [row_begin, row_end) of request n's KV head h, row r being query row r / G of head
   // h * G + r % G.
-  PTP_AVX512 void run(int64_t n, int64_t h, int64_t row_begin, int64_t row_end,
-                      std::vector<float>& buffer, std::vector<const T*>& values) const {
+  template <typename Simd>
+  void run(int64_t n, int64_t h, int64_t row_begin, int64_t row_end, std::vector<float>& buffer,
+           std::vector<const T*>& values) const {
     const int64_t group_heads = heads / kv_heads, rows = row_end - row_begin;
     const int64_t context = context_lens[n], width = context + q_rows;
     buffer.resize(rows * head_dim * 2 + rows * width);
@@ -810,7 +723,7 @@ struct DraftAttention {
                request_slots[j + run] == s + run) {
           ++run;
         }
-        score_run(queries, rows, block_keys(s, h), run, scores + j, width);
+        score_run<Simd>(queries, rows, block_keys(s, h), run, scores + j, width);
         for (int64_t t = 0; t < run; ++t) values[j + t] = slot_value(s + t, h);
       }
       j += run;
@@ -820,34 +733,15 @@ struct DraftAttention {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = 0; j < q_rows; ++j) {
         scores[r * width + context + j] = j <= query_row(r)
-            ? dot(queries + r * head_dim, own_key(n, j, h)) : -INFINITY;
+            ? Simd::dot(queries + r * head_dim, own_key(n, j, h), head_dim) : -INFINITY;
       }
     }
     // Softmax of each row, in place (exp(-inf) = 0 for the rows it may not see).
     std::vector<float> inverse_sum(rows);
-    const __m512 floor = _mm512_set1_ps(ptp::kMinExponent);
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = scores + r * width;
-      __m512 best = _mm512_set1_ps(-INFINITY);
-      for (int64_t i = 0; i < width; i += 16) {
-        const __mmask16 m = lanes(width - i);
-        best = _mm512_mask_max_ps(best, m, best, _mm512_maskz_loadu_ps(m, row + i));
-      }
-      const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t i = 0; i < width; i += 16) {
-        const __mmask16 m = lanes(width - i);
-        const __m512 x = _mm512_maskz_loadu_ps(m, row + i);
-        // Scores below the row maximum by more than -kMinExponent (and -inf) weigh 0.
-        const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, _mm512_sub_ps(x, max), floor, _CMP_GE_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(keep, exp_nonpositive_avx512(
-            _mm512_max_ps(_mm512_sub_ps(x, max), floor)));
-        _mm512_mask_storeu_ps(row + i, m, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      inverse_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+      inverse_sum[r] = 1.0f / Simd::softmax(scores + r * width, width);
     }
-    // Probability-weighted values, 4 rows x 64 dimensions at a time.
+    // Probability-weighted values, 4 rows x Simd::kValueDims dimensions at a time.
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       const int group = static_cast<int>(std::min<int64_t>(4, rows - r0));
       const float* p[4];
@@ -856,12 +750,13 @@ struct DraftAttention {
         p[i] = scores + (r0 + i) * width;
         o[i] = outputs + (r0 + i) * head_dim;
       }
-      for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+      for (int64_t d0 = 0; d0 < head_dim; d0 += Simd::kValueDims) {
+        const T* const* v = values.data();
         switch (group) {
-          case 4: weighted_values<4>(p, values.data(), width, d0, o); break;
-          case 3: weighted_values<3>(p, values.data(), width, d0, o); break;
-          case 2: weighted_values<2>(p, values.data(), width, d0, o); break;
-          default: weighted_values<1>(p, values.data(), width, d0, o); break;
+          case 4: Simd::template weighted_values<4>(p, v, width, head_dim, d0, o); break;
+          case 3: Simd::template weighted_values<3>(p, v, width, head_dim, d0, o); break;
+          case 2: Simd::template weighted_values<2>(p, v, width, head_dim, d0, o); break;
+          default: Simd::template weighted_values<1>(p, v, width, head_dim, d0, o); break;
         }
       }
     }
@@ -877,14 +772,33 @@ struct DraftAttention {
 
 constexpr int64_t kAttentionRows = 8;  // query rows per attention task
 
+// Every request of the pass. Tasks of up to kAttentionRows rows of one request and KV head:
+// enough of them to keep every thread busy at batch 1 (each reads its head's context K/V again,
+// from cache).
+template <typename Simd, typename T>
+void run_draft_attention(const DraftAttention<T>& attention, int64_t num) {
+  const int64_t rows = attention.q_rows * (attention.heads / attention.kv_heads);
+  const int64_t chunks = (rows + kAttentionRows - 1) / kAttentionRows;
+  at::parallel_for(0, num * attention.kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer;
+    std::vector<const T*> values;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % chunks, head = task / chunks % attention.kv_heads;
+      attention.template run<Simd>(task / chunks / attention.kv_heads, head,
+                                   chunk * kAttentionRows,
+                                   std::min(rows, (chunk + 1) * kAttentionRows), buffer, values);
+    }
+  });
+}
+
 // The drafter's attention for one layer (see DraftAttention): qkv [N, Q, heads + 2 kv_heads,
 // head_dim] -> [N, Q, heads, head_dim]. Row i of request n attends its first context_lens[n]
 // cached positions (slots [N, >= max context_lens], as paged_slots gives them) and rows <= i.
-// AVX-512 only: elsewhere the caller gathers the context and uses torch's attention.
+// AVX-512 or AVX2: without them the caller gathers the context and uses torch's attention.
 at::Tensor paged_draft_attention(const at::Tensor& qkv, int64_t num_heads, const at::Tensor& cache,
                                  const at::Tensor& slots, const at::Tensor& context_lens,
                                  double scale) {
-  TORCH_CHECK(avx512_supported(), "paged_draft_attention needs AVX-512");
+  TORCH_CHECK(active_isa() != Isa::kScalar, "paged_draft_attention needs AVX2 or AVX-512");
   TORCH_CHECK(cache.dim() == 4 && cache.size(3) % 2 == 0 && cache.is_contiguous() &&
               cache.device().is_cpu(), "cache must be a contiguous CPU tensor [blocks, kv_heads, "
               "block_size, 2 * head_dim]");
@@ -915,29 +829,22 @@ at::Tensor paged_draft_attention(const at::Tensor& qkv, int64_t num_heads, const
     const DraftAttention<T> attention{
         qkv.data_ptr<T>(), cache.data_ptr<T>(), slot, lens, out.data_ptr<T>(), q_rows, num_heads,
         kv_heads, head_dim, block_size, slots.size(1), static_cast<float>(scale)};
-    // Tasks of up to kAttentionRows rows of one request and KV head: enough of them to keep
-    // every thread busy at batch 1 (each reads its head's context K/V again, from cache).
-    const int64_t rows = q_rows * (num_heads / kv_heads);
-    const int64_t chunks = (rows + kAttentionRows - 1) / kAttentionRows;
-    at::parallel_for(0, num * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buffer;
-      std::vector<const T*> values;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t chunk = task % chunks, head = task / chunks % kv_heads;
-        attention.run(task / chunks / kv_heads, head, chunk * kAttentionRows,
-                      std::min(rows, (chunk + 1) * kAttentionRows), buffer, values);
-      }
-    });
+    if (active_isa() == Isa::kAvx512) {
+      run_draft_attention<avx512::Attention<T>>(attention, num);
+    } else {
+      run_draft_attention<avx2::Attention<T>>(attention, num);
+    }
   });
   return out;
 }
 
-std::string cpu_isa() { return active_isa(); }
+std::string cpu_isa() { return kIsaNames[static_cast<int>(active_isa())]; }
 
-void set_cpu_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "scalar" || (isa == "avx512" && avx512_supported()),
-              "cpu isa must be 'scalar' or (on AVX-512 CPUs) 'avx512', got ", isa);
-  active_isa() = isa;
+void set_cpu_isa(const std::string& isa) { active_isa() = supported_isa(isa); }
+
+bool cpu_isa_supported(const std::string& name) {
+  const std::optional<Isa> isa = isa_named(name);
+  return isa && supported(*isa);
 }
 
 }  // namespace
@@ -960,13 +867,16 @@ TORCH_LIBRARY(vllm_ptp, m) {
   m.def("gather_paged_kv(Tensor cache, Tensor slots, Tensor(a!) keys, Tensor(b!) values) -> ()");
   m.def("paged_draft_attention(Tensor qkv, int num_heads, Tensor cache, Tensor slots, "
         "Tensor context_lens, float scale) -> Tensor");
+  m.def("half_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
   m.def("gated_lora_expand(Tensor stacked, Tensor gate, Tensor[] lora_Bs_t, int[] columns, "
         "int[] ranks, int out_features) -> Tensor");
-  // Test hooks: the CUDA kernel's block algorithm run on the host; the CPU ISA in use.
+  // Test hooks: the CUDA kernel's block algorithm run on the host; the CPU ISA in use and
+  // the ones this CPU supports.
   m.def("emulated_cuda_sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
         "Tensor min_p, Tensor u, int threads_per_block) -> Tensor");
   m.def("cpu_isa", &cpu_isa);
   m.def("set_cpu_isa", &set_cpu_isa);
+  m.def("cpu_isa_supported", &cpu_isa_supported);
 }
 
 TORCH_LIBRARY_IMPL(vllm_ptp, CPU, m) {
@@ -977,6 +887,7 @@ TORCH_LIBRARY_IMPL(vllm_ptp, CPU, m) {
   m.impl("paged_slots", &paged_slots);
   m.impl("gather_paged_kv", &gather_paged_kv);
   m.impl("gated_lora_expand", &gated_lora_expand);
+  m.impl("half_linear", &half_linear);
   m.impl("paged_draft_attention", &paged_draft_attention);
   m.impl("emulated_cuda_sample", &emulated_cuda_sample);
 }

@@ -1,13 +1,16 @@
-"""Compact copies of the target's projections for the drafter (CPU): bf16 or int8.
+"""Compact copies of the target's projections for the drafter (CPU): bf16, fp16 or int8.
 
 A drafter pass reads all of the target's weights for a few rows, like the verification pass.
 Drafts only need to be good, not exact (verification is), so the drafter reads a compact copy:
 - `bf16`: every projection in bf16 through vLLM's prepacked oneDNN GEMM (`onednn_mm`), where
   the CPU has native bf16 GEMMs (AVX-512 BF16 / AMX). Half the bytes of fp32 and rounding far
   below a CDF boundary's typical margin.
+- `fp16`: fp16 weights and float32 activations through csrc's AVX2 GEMM (`ops.half_linear`),
+  for CPUs with AVX2 but no bf16 GEMMs (e.g. AMD Zen 3). The bytes of bf16, with 3 more bits
+  of mantissa.
 - `int8`: per-channel int8 weights with dynamically quantized activations (fbgemm), for CPUs
-  without bf16 GEMMs. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations
-  move the argmax now and then (down_proj's input, SiLU(gate) * up, has outlier channels).
+  without either. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations move the
+  argmax now and then (down_proj's input, SiLU(gate) * up, has outlier channels).
 Each group's LoRA A matrices can be stacked under the copy's weight (`fused_with`), so one GEMM
 gives both the projection and the adapters' low-rank input, and one fused op (csrc's
 `gated_lora_expand`) adds the gated B update while casting to the activations' dtype.
@@ -28,12 +31,20 @@ from vllm_ptp.models.target import TargetLayer, TargetView
 _QINT8_MAX = 127
 # oneDNN primitives cached per handler (one per distinct row count, as vLLM's own linears).
 _ONEDNN_PRIMITIVE_CACHE = 32
-COMPACT_FORMATS = ("bf16", "int8")
+COMPACT_FORMATS = ("bf16", "fp16", "int8")
 
 
 def has_bf16_gemms() -> bool:
     """Native bf16 GEMMs through vLLM's oneDNN build (emulated bf16 would be slower)."""
     return vllm_ops._supports_onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def best_compact_format() -> str:
+    """The compact format this CPU runs best: bf16 with native bf16 GEMMs, else fp16 with
+    csrc's AVX2 GEMM, else int8."""
+    if has_bf16_gemms():
+        return "bf16"
+    return "fp16" if ops.simd_kernels() else "int8"
 
 
 @runtime_checkable
@@ -97,6 +108,26 @@ class Bf16Linear:
         return LoraFusedLinear(Bf16Linear(torch.cat((weight, lora_A.bfloat16()))), lora_Bs)
 
 
+class Fp16Linear:
+    """y = x W^T with W in fp16, packed once for csrc's AVX2 GEMM; x stays float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.out_features, self.in_features = weight.shape
+        self.packed = ops.pack_half_weight(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x).to(x.dtype)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.half_linear(x, self.packed, self.out_features)
+
+    def fused_with(self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]) -> "LoraFusedLinear":
+        """This map plus a gated low-rank update, A's rows packed after W's (W read back from
+        the packed copy, exactly)."""
+        weight = _recover_weight(self, self.in_features, torch.float32)
+        return LoraFusedLinear(Fp16Linear(torch.cat((weight, lora_A.float()))), lora_Bs)
+
+
 class LoraFusedLinear:
     """A compact linear over [W; A] and the group's B's (scaling folded in), called as (x, gate):
     x W^T + ((x A^T) * gate) B^T. B stays in float32: at rank 32 it is a small read. The update
@@ -142,8 +173,8 @@ def compact_view(
         raise ValueError(f"compact weight format {weight_format!r} is not one of {COMPACT_FORMATS}")
     if weight_format == "bf16" and not has_bf16_gemms():
         raise ValueError("bf16 draft weights need a CPU with bf16 GEMMs (AVX-512 BF16 or AMX); "
-                         "use int8")
-    linear = Bf16Linear if weight_format == "bf16" else Int8Linear
+                         f"use {best_compact_format()}")
+    linear = {"bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear}[weight_format]
     q_size = target.num_heads * target.head_dim
 
     def compact(projection: Callable, in_features: int) -> CompactLinear:

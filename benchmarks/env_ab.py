@@ -1,0 +1,55 @@
+"""A/B of PTP engine settings in one interleaved Spec-Bench run: no speculation plus one PTP
+engine per variant, each started with its own environment variables.
+
+    python -m benchmarks.env_ab --out DIR --variant ptp-int8 VLLM_PTP_DRAFT_WEIGHTS=int8 \
+        --variant ptp-fp16 VLLM_PTP_DRAFT_WEIGHTS=fp16 --per-category 1
+
+writes the same report as `vllm-ptp bench` (README.md, results.json, plots) to DIR.
+"""
+
+import argparse
+import dataclasses
+import shlex
+import sys
+
+from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
+from benchmarks.specbench_report import write_results
+from vllm_ptp.cli import _default_checkpoint, _testbed
+
+
+def parse_variant(name: str, assignments: list[str]) -> tuple[str, dict[str, str]]:
+    environment = {}
+    for assignment in assignments:
+        variable, equals, value = assignment.partition("=")
+        if not equals or not variable:
+            raise SystemExit(f"variant {name}: expected NAME=VALUE, got {assignment!r}")
+        environment[variable] = value
+    return name, environment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="results directory")
+    parser.add_argument("--variant", nargs="+", action="append", required=True,
+                        metavar=("NAME", "VAR=VALUE"), help="a PTP engine and its environment")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--modes", nargs="+", default=["greedy-b1"])
+    parser.add_argument("--per-category", type=int, help="only the first N questions of each")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per turn")
+    args = parser.parse_args()
+    target = _testbed()
+    checkpoints = {"ptp": _default_checkpoint(target)}
+    ptp = parse_speculator(f"ptp:k={args.k}", checkpoints)
+    speculators = [parse_speculator("none", checkpoints)]
+    for name, *assignments in args.variant:
+        name, environment = parse_variant(name, assignments)
+        speculators.append(dataclasses.replace(ptp, name=name, environment=environment))
+    questions = load_questions(per_category=args.per_category)
+    raw = run_bench(str(target), questions, speculators, [Mode.parse(m) for m in args.modes],
+                    args.max_tokens)
+    command = shlex.join(["python", "-m", "benchmarks.env_ab", *sys.argv[1:]])
+    print(write_results(raw, args.out, command).read_text())
+
+
+if __name__ == "__main__":
+    main()
