@@ -7,6 +7,7 @@ its scalar fallback, and the CUDA kernel's block algorithm on the host over an e
 import pytest
 import torch
 
+from tests.cpu_isa import use_cpu_isa
 from tests.sampling_rows import rows_of
 from vllm_ptp import ops, rng, sampling
 from vllm_ptp.models.gated_lora_llama import UEmbedding
@@ -20,10 +21,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    previous = kernels.cpu_isa()
-    kernels.set_cpu_isa(request.param)
-    yield request.param
-    kernels.set_cpu_isa(previous)
+    yield from use_cpu_isa(request.param)
 
 
 def compiled_sample(logits, rows):

@@ -7,6 +7,7 @@ import torch
 import vllm._custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+from tests.cpu_isa import use_cpu_isa
 from vllm_ptp import ops as ptp_ops
 from vllm_ptp.models.attention import draft_attention
 from vllm_ptp.proposer import PagedContext
@@ -23,29 +24,16 @@ class BlockTable:  # vLLM's BlockTable fields PagedContext reads
         self.block_table = type("Buffer", (), {"np": np.array(rows, dtype=np.int32)})
 
 
-def use_isa(isa: str):
-    """Runs the kernels with `isa` while the test runs (skipped where the CPU lacks it)."""
-    if not ptp_ops.compiled():
-        pytest.skip("compiled ops not built")
-    if isa not in ptp_ops.supported_cpu_isas():
-        pytest.skip(f"no {isa} here")
-    kernels = torch.ops.vllm_ptp
-    previous = kernels.cpu_isa()
-    kernels.set_cpu_isa(isa)
-    yield isa
-    kernels.set_cpu_isa(previous)
-
-
 @pytest.fixture(params=ptp_ops.CPU_ISAS)
 def isa(request):
     """The fused attention kernel (AVX-512 or AVX2), or gathered K/V and torch's attention."""
-    yield from use_isa(request.param)
+    yield from use_cpu_isa(request.param)
 
 
 @pytest.fixture(params=["avx512", "avx2"])
 def kernel_isa(request):
     """The fused attention kernel's SIMD paths."""
-    yield from use_isa(request.param)
+    yield from use_cpu_isa(request.param)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
