@@ -117,7 +117,7 @@ def cases(quick: bool):
 
 
 def drafter_pass_cases():
-    """The two drafter-pass ops at SmolLM2's shapes, a pass of 1 + 8 rows per request."""
+    """The drafter-pass ops at SmolLM2's shapes, a pass of 1 + 8 rows per request."""
     q_len = 1 + 8
     for requests in (1, 8):
         for context in (128, 1024):
@@ -144,6 +144,17 @@ def drafter_pass_cases():
                lambda a=args: ops.gated_lora_expand(*a),
                stacked.numel() * 2 + 2 * LORA_RANK * INTERMEDIATE * 4
                + requests * q_len * out_features * 4)
+    for name, out_features in (("gate_up", 2 * INTERMEDIATE), ("LM head", VOCABS[0])):
+        weight = torch.randn(out_features, HIDDEN) * 0.05
+        for dtype in (torch.float16, torch.int8):
+            packed, scales = ops.pack_panels(weight, dtype)
+            for requests in (1, 8):
+                x = torch.randn(requests * q_len, HIDDEN)
+                yield ("panel_linear", f"{name}, {dtype}".replace("torch.", ""), len(x), None,
+                       lambda x=x, w=weight: x @ w.T,  # torch's float32 GEMM over W itself
+                       lambda x=x, p=packed, s=scales, n=out_features: ops.panel_linear(x, p, s, n),
+                       packed.numel() * packed.element_size() + x.numel() * 4
+                       + len(x) * out_features * 4)
 
 
 def run(quick: bool, min_seconds: float) -> dict:

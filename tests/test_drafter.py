@@ -169,8 +169,10 @@ def test_u_embedding_interpolates_between_learned_vectors(drafter):
 
 
 def compact_formats() -> list:
-    """The compact draft-weight formats this CPU can run (bf16 needs bf16 GEMMs, fp16 AVX2)."""
-    runs = {"bf16": has_bf16_gemms(), "fp16": ops.simd_kernels(), "int8": True}
+    """The compact draft-weight formats this CPU can run (bf16 needs bf16 GEMMs, fp16 and w8a32
+    AVX2)."""
+    simd = ops.simd_kernels()
+    runs = {"bf16": has_bf16_gemms(), "fp16": simd, "w8a32": simd, "int8": True}
     return [pytest.param(f, marks=pytest.mark.skipif(not runs[f], reason=f"no {f} GEMM here"))
             for f in COMPACT_FORMATS]
 

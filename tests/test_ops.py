@@ -325,7 +325,7 @@ def test_gated_lora_expand_refuses_overlapping_blocks():
         kernels.gated_lora_expand(torch.zeros(2, 20), torch.ones(2), [b, b], [0, 4], [0, 4], 12)
 
 
-# ---- fp16-weight GEMM (the compact drafter weights on AVX2 CPUs) -------------------------------
+# ---- compact-weight GEMM (fp16 or int8 drafter weights on AVX2 CPUs) --------------------------
 
 
 needs_simd = pytest.mark.skipif(not ops.compiled() or not ops.simd_kernels(),
@@ -333,25 +333,40 @@ needs_simd = pytest.mark.skipif(not ops.compiled() or not ops.simd_kernels(),
 
 
 @needs_simd
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 9, 71])
 @pytest.mark.parametrize("out_features, in_features", [(1, 8), (17, 576), (100, 37)])
-def test_half_linear_matches_reference(rows, out_features, in_features):
+def test_panel_linear_matches_reference(dtype, rows, out_features, in_features):
     """Panels cut short (out_features not a multiple of 16), row groups of 1 to 6."""
     torch.manual_seed(rows + out_features)
     weight = torch.randn(out_features, in_features)
-    packed = ops.pack_half_weight(weight)
+    packed, scales = ops.pack_panels(weight, dtype)
     assert packed.shape == ((out_features + 15) // 16, in_features, 16)
     x = torch.randn(rows, in_features)
-    expected = ops.reference_half_linear(x, packed, out_features)
-    torch.testing.assert_close(expected, x @ weight.half().float().T)  # the packing is W
-    got = ops.half_linear(x, packed, out_features)
+    expected = ops.reference_panel_linear(x, packed, scales, out_features)
+    # The packing is W: rounded to fp16, or to within half an int8 step of its row's scale.
+    unpacked = ops.reference_panel_linear(torch.eye(in_features), packed, scales, out_features).T
+    if dtype == torch.float16:
+        assert torch.equal(unpacked, weight.half().float())
+    else:
+        step = weight.abs().amax(dim=1, keepdim=True) / 127
+        assert ((unpacked - weight).abs() <= step * 0.5001).all()
+    got = ops.panel_linear(x, packed, scales, out_features)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     # Sums of up to 576 products of size ~1 in another order (FMA).
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_simd
-def test_half_linear_rejects_a_mismatched_packing():
-    packed = ops.pack_half_weight(torch.zeros(20, 8))
+def test_panel_linear_rejects_a_mismatched_packing():
+    x = torch.zeros(2, 8)
+    half, _ = ops.pack_panels(torch.zeros(20, 8), torch.float16)
     with pytest.raises(RuntimeError, match="ceil"):
-        kernels.half_linear(torch.zeros(2, 8), packed, 40)
+        kernels.panel_linear(x, half, None, 40)
+    with pytest.raises(RuntimeError, match="fp16 none"):
+        kernels.panel_linear(x, half, torch.ones(32), 20)
+    int8, scales = ops.pack_panels(torch.zeros(20, 8), torch.int8)
+    with pytest.raises(RuntimeError, match="per-column scales"):
+        kernels.panel_linear(x, int8, None, 20)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        kernels.panel_linear(x, int8, scales[:20], 20)

@@ -2,7 +2,7 @@
 
 Each op below has one reference (rng.uniforms, UEmbedding, sampling.sample / sample_and_verify,
 block-table indexing) and the kernels reproduce it exactly: same uniforms, same embeddings, same
-tokens. The exceptions are the drafter-pass ops `gated_lora_expand`, `half_linear` and
+tokens. The exceptions are the drafter-pass ops `gated_lora_expand`, `panel_linear` and
 `paged_draft_attention`, whose float sums may run in another order than torch's (drafts steer
 speed only; verification decides every token).
 Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the references.
@@ -70,7 +70,7 @@ def supported_cpu_isas() -> list[str]:
 
 def simd_kernels(device: torch.device | str = "cpu") -> bool:
     """Whether compiled ops with a SIMD ISA (AVX2 or AVX-512) serve this device's tensors: the
-    drafter-pass kernels `paged_draft_attention` and `half_linear` have no scalar version."""
+    drafter-pass kernels `paged_draft_attention` and `panel_linear` have no scalar version."""
     return compiled(device) and torch.ops.vllm_ptp.cpu_isa() != "scalar"
 
 
@@ -92,7 +92,7 @@ def _register_fakes() -> None:
     def fake_lora_expand(stacked, gate, lora_Bs_t, columns, ranks, out_features):
         return stacked.new_empty(stacked.shape[0], out_features, dtype=torch.float32)
 
-    def fake_half_linear(x, packed, out_features):
+    def fake_panel_linear(x, packed, scales, out_features):
         return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
     for name, fake in [
@@ -103,7 +103,7 @@ def _register_fakes() -> None:
         ("gather_paged_kv", lambda *args: None),
         ("write_u_embeddings", lambda *args: None),
         ("gated_lora_expand", fake_lora_expand),
-        ("half_linear", fake_half_linear),
+        ("panel_linear", fake_panel_linear),
         ("paged_draft_attention", fake_attention),
     ]:
         torch.library.register_fake(f"vllm_ptp::{name}", fake)
@@ -283,28 +283,45 @@ def reference_gated_lora_expand(
     return out
 
 
-HALF_PANEL = 16  # output columns per panel of half_linear's packed weights
+PANEL = 16  # output columns per panel of panel_linear's packed weights
+_INT8_MAX = 127
 
 
-def pack_half_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] as `half_linear` reads it: fp16 panels of 16 output columns, each k-major
-    ([ceil(N / 16), K, 16]), zeros past N."""
+def pack_panels(
+    weight: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W [N, K] as `panel_linear` reads it: panels of 16 output columns, each k-major
+    ([ceil(N / 16), K, 16], zeros past N), in fp16, or in int8 with per-column symmetric scales
+    ([ceil(N / 16) * 16] float32; None for fp16)."""
     out_features, in_features = weight.shape
-    padded = torch.nn.functional.pad(weight.half(), (0, 0, 0, -out_features % HALF_PANEL))
-    return padded.view(-1, HALF_PANEL, in_features).transpose(1, 2).contiguous()
+    weight = torch.nn.functional.pad(weight.float(), (0, 0, 0, -out_features % PANEL))
+    if dtype == torch.float16:
+        packed, scales = weight.half(), None
+    elif dtype == torch.int8:
+        scales = (weight.abs().amax(dim=1) / _INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        packed = (weight / scales[:, None]).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    else:
+        raise ValueError(f"panel_linear packs fp16 or int8 weights, not {dtype}")
+    return packed.view(-1, PANEL, in_features).transpose(1, 2).contiguous(), scales
 
 
-def half_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x W^T in float32 for fp16 weights packed by `pack_half_weight`. The kernel needs AVX2;
-    without it, torch over the unpacked weights."""
+def panel_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x W^T in float32 for weights packed by `pack_panels`. The kernel needs AVX2; without it,
+    torch over the unpacked weights."""
     if not simd_kernels(x.device):
-        return reference_half_linear(x, packed, out_features)
-    return torch.ops.vllm_ptp.half_linear(x.float().contiguous(), packed, out_features)
+        return reference_panel_linear(x, packed, scales, out_features)
+    return torch.ops.vllm_ptp.panel_linear(x.float().contiguous(), packed, scales, out_features)
 
 
-def reference_half_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    weight = packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features]
-    return x.float() @ weight.float().T
+def reference_panel_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    weight = packed.transpose(1, 2).reshape(-1, packed.shape[1]).float()
+    if scales is not None:
+        weight = weight * scales[:, None]
+    return x.float() @ weight[:out_features].T
 
 
 def paged_draft_attention(

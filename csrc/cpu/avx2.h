@@ -19,6 +19,10 @@ PTP_AVX2 inline __m256 load8(const c10::Half* x) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
 }
 
+PTP_AVX2 inline __m256 load8(const int8_t* x) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
+}
+
 // x[0..8) as float32, or only x[0..remaining) followed by `fill` when remaining < 8.
 template <typename T>
 PTP_AVX2 inline __m256 load8(const T* x, int64_t remaining, float fill) {
@@ -157,13 +161,14 @@ PTP_AVX2 void to_float(const T* x, float* y, int64_t n) {
 }
 
 // y[i][0..columns) = x[i] . W^T for R <= 6 rows of x ([k_dim] each, ldx apart) and one panel of
-// 16 output columns of fp16 weights ([k_dim, 16], k-major): 2R accumulators in registers over
-// all of k (enough independent FMA chains to hide their latency), and each weight vector
-// converted once for the R rows. The accumulators are two plain arrays, unrolled, so that GCC
-// keeps them in registers instead of spilling them every iteration.
-template <int R>
-PTP_AVX2 void half_gemm_tile(const float* x, int64_t ldx, const c10::Half* panel, int64_t k_dim,
-                             float* y, int64_t ldy, int64_t columns) {
+// 16 output columns of fp16 or int8 weights ([k_dim, 16], k-major; int8 columns times their
+// `scales`, none for fp16): 2R accumulators in registers over all of k (enough independent FMA
+// chains to hide their latency), and each weight vector converted once for the R rows. The
+// accumulators are two plain arrays, unrolled, so that GCC keeps them in registers instead of
+// spilling them every iteration.
+template <int R, typename W>
+PTP_AVX2 void panel_gemm_tile(const float* x, int64_t ldx, const W* panel, const float* scales,
+                              int64_t k_dim, float* y, int64_t ldy, int64_t columns) {
   __m256 low[R], high[R];  // columns 0..8 and 8..16
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) low[i] = high[i] = _mm256_setzero_ps();
@@ -174,6 +179,14 @@ PTP_AVX2 void half_gemm_tile(const float* x, int64_t ldx, const c10::Half* panel
       const __m256 x_ik = _mm256_broadcast_ss(x + i * ldx + k);
       low[i] = _mm256_fmadd_ps(x_ik, w_low, low[i]);
       high[i] = _mm256_fmadd_ps(x_ik, w_high, high[i]);
+    }
+  }
+  if (scales != nullptr) {
+    const __m256 scale_low = _mm256_loadu_ps(scales), scale_high = _mm256_loadu_ps(scales + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      low[i] = _mm256_mul_ps(low[i], scale_low);
+      high[i] = _mm256_mul_ps(high[i], scale_high);
     }
   }
   const __m256i low_mask = lanes(columns), high_mask = lanes(columns - 8);

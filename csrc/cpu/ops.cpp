@@ -595,49 +595,69 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
   return out;
 }
 
-// ---- fp16 weights GEMM -------------------------------------------------------------------------
+// ---- compact weights GEMM (fp16 or int8 weights, float32 activations) ---------------------------
 
-constexpr int64_t kHalfPanel = 16;  // output columns per packed panel (two AVX2 vectors)
-using HalfGemmTile = void (*)(const float*, int64_t, const c10::Half*, int64_t, float*, int64_t,
-                              int64_t);
-constexpr int64_t kHalfTileRows = 6;  // rows per tile (index rows - 1)
-constexpr HalfGemmTile kHalfGemmTiles[kHalfTileRows] = {
-    avx2::half_gemm_tile<1>, avx2::half_gemm_tile<2>, avx2::half_gemm_tile<3>,
-    avx2::half_gemm_tile<4>, avx2::half_gemm_tile<5>, avx2::half_gemm_tile<6>};
+constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 vectors)
+constexpr int64_t kTileRows = 6;  // rows per tile
+template <typename W>
+using PanelGemmTile = void (*)(const float*, int64_t, const W*, const float*, int64_t, float*,
+                               int64_t, int64_t);
+template <typename W>  // indexed by rows - 1
+constexpr PanelGemmTile<W> kPanelGemmTiles[kTileRows] = {
+    avx2::panel_gemm_tile<1, W>, avx2::panel_gemm_tile<2, W>, avx2::panel_gemm_tile<3, W>,
+    avx2::panel_gemm_tile<4, W>, avx2::panel_gemm_tile<5, W>, avx2::panel_gemm_tile<6, W>};
 
-// y = x W^T in float32 for float32 x [M, K] and fp16 weights W [N, K] packed in panels of 16
-// output columns, k-major ([ceil(N / 16), K, 16], zeros past N): the drafter's compact GEMM on
-// CPUs with AVX2 but no 16-bit GEMMs of their own (half the bytes of fp32 weights, and rounding
-// far finer than int8's). One task per panel, over the rows in groups of at most 6, as even as
-// can be (9 rows: 5 + 4, not 6 + 3, whose 3 would leave the FMA units waiting on latency).
-at::Tensor half_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  TORCH_CHECK(active_isa() != Isa::kScalar, "half_linear needs AVX2");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
-              x.device().is_cpu(), "x must be a float32 CPU [rows, in_features] tensor, rows "
-              "contiguous");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kHalfPanel &&
-              packed.scalar_type() == at::kHalf && packed.is_contiguous() &&
-              packed.size(1) == x.size(1) && out_features > 0 &&
-              (out_features + kHalfPanel - 1) / kHalfPanel == packed.size(0),
-              "packed must be contiguous fp16 [ceil(out_features / 16), in_features, 16]");
-  const int64_t rows = x.size(0), k_dim = x.size(1), ldx = x.stride(0);
-  const int64_t groups = (rows + kHalfTileRows - 1) / kHalfTileRows;
+template <typename W>
+void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, const float* scales,
+                int64_t panels, int64_t k_dim, float* y, int64_t out_features) {
+  const int64_t groups = (rows + kTileRows - 1) / kTileRows;
   const int64_t group_rows = groups ? (rows + groups - 1) / groups : 0;
-  at::Tensor y = at::empty({rows, out_features}, x.options());
-  const float* xd = x.data_ptr<float>();
-  const c10::Half* w = packed.data_ptr<c10::Half>();
-  float* yd = y.data_ptr<float>();
-  at::parallel_for(0, packed.size(0), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t column = panel * kHalfPanel;
-      const int64_t columns = std::min(kHalfPanel, out_features - column);
+      const int64_t column = panel * kPanel;
+      const int64_t columns = std::min(kPanel, out_features - column);
       for (int64_t r = 0; r < rows; r += group_rows) {
-        kHalfGemmTiles[std::min(group_rows, rows - r) - 1](
-            xd + r * ldx, ldx, w + panel * k_dim * kHalfPanel, k_dim,
-            yd + r * out_features + column, out_features, columns);
+        kPanelGemmTiles<W>[std::min(group_rows, rows - r) - 1](
+            x + r * ldx, ldx, packed + panel * k_dim * kPanel,
+            scales ? scales + column : nullptr, k_dim, y + r * out_features + column,
+            out_features, columns);
       }
     }
   });
+}
+
+// y = x W^T in float32 for float32 x [M, K] and W [N, K] packed in panels of 16 output columns,
+// k-major ([ceil(N / 16), K, 16], zeros past N): fp16, or int8 with per-column `scales`
+// [ceil(N / 16) * 16]. The drafter's compact GEMM on CPUs with AVX2 but no 16-bit GEMMs of
+// their own: half (fp16) or a quarter (int8) of fp32's bytes, with float32 activations. One
+// task per panel, over the rows in groups of at most 6, as even as can be (9 rows: 5 + 4, not
+// 6 + 3, whose 3 would leave the FMA units waiting on latency).
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
+                        const std::optional<at::Tensor>& scales, int64_t out_features) {
+  TORCH_CHECK(active_isa() != Isa::kScalar, "panel_linear needs AVX2");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+              x.device().is_cpu(), "x must be a float32 CPU [rows, in_features] tensor, rows "
+              "contiguous");
+  const int64_t panels = packed.size(0);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+              packed.size(1) == x.size(1) && out_features > 0 &&
+              (out_features + kPanel - 1) / kPanel == panels,
+              "packed must be contiguous [ceil(out_features / 16), in_features, 16]");
+  const bool int8 = packed.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || packed.scalar_type() == at::kHalf, "packed weights must be fp16 or int8");
+  TORCH_CHECK(int8 == scales.has_value(), "int8 weights need per-column scales, fp16 none");
+  if (int8) {
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
+                scales->numel() == panels * kPanel, "scales must be float32 [ceil(N / 16) * 16]");
+  }
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  if (int8) {
+    panel_gemm(x.data_ptr<float>(), x.size(0), x.stride(0), packed.data_ptr<int8_t>(),
+               scales->data_ptr<float>(), panels, x.size(1), y.data_ptr<float>(), out_features);
+  } else {
+    panel_gemm(x.data_ptr<float>(), x.size(0), x.stride(0), packed.data_ptr<c10::Half>(),
+               nullptr, panels, x.size(1), y.data_ptr<float>(), out_features);
+  }
   return y;
 }
 
@@ -867,7 +887,7 @@ TORCH_LIBRARY(vllm_ptp, m) {
   m.def("gather_paged_kv(Tensor cache, Tensor slots, Tensor(a!) keys, Tensor(b!) values) -> ()");
   m.def("paged_draft_attention(Tensor qkv, int num_heads, Tensor cache, Tensor slots, "
         "Tensor context_lens, float scale) -> Tensor");
-  m.def("half_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor packed, Tensor? scales, int out_features) -> Tensor");
   m.def("gated_lora_expand(Tensor stacked, Tensor gate, Tensor[] lora_Bs_t, int[] columns, "
         "int[] ranks, int out_features) -> Tensor");
   // Test hooks: the CUDA kernel's block algorithm run on the host; the CPU ISA in use and
@@ -887,7 +907,7 @@ TORCH_LIBRARY_IMPL(vllm_ptp, CPU, m) {
   m.impl("paged_slots", &paged_slots);
   m.impl("gather_paged_kv", &gather_paged_kv);
   m.impl("gated_lora_expand", &gated_lora_expand);
-  m.impl("half_linear", &half_linear);
+  m.impl("panel_linear", &panel_linear);
   m.impl("paged_draft_attention", &paged_draft_attention);
   m.impl("emulated_cuda_sample", &emulated_cuda_sample);
 }

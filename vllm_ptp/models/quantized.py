@@ -1,15 +1,19 @@
-"""Compact copies of the target's projections for the drafter (CPU): bf16, fp16 or int8.
+"""Compact copies of the target's projections for the drafter (CPU): bf16, fp16, w8a32 or int8.
 
 A drafter pass reads all of the target's weights for a few rows, like the verification pass.
 Drafts only need to be good, not exact (verification is), so the drafter reads a compact copy:
 - `bf16`: every projection in bf16 through vLLM's prepacked oneDNN GEMM (`onednn_mm`), where
   the CPU has native bf16 GEMMs (AVX-512 BF16 / AMX). Half the bytes of fp32 and rounding far
   below a CDF boundary's typical margin.
-- `fp16`: fp16 weights and float32 activations through csrc's AVX2 GEMM (`ops.half_linear`),
+- `fp16`: fp16 weights and float32 activations through csrc's AVX2 GEMM (`ops.panel_linear`),
   for CPUs with AVX2 but no bf16 GEMMs (e.g. AMD Zen 3). The bytes of bf16, with 3 more bits
   of mantissa.
+- `w8a32`: per-channel int8 weights and float32 activations through the same GEMM, for the
+  same CPUs: half of fp16's bytes and fewer conversion instructions per multiply-add (the GEMM
+  is compute-bound at a pass's rows there); rounding only the weights, not the activations,
+  keeps the drafts close to the target's.
 - `int8`: per-channel int8 weights with dynamically quantized activations (fbgemm), for CPUs
-  without either. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations move the
+  without AVX2. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations move the
   argmax now and then (down_proj's input, SiLU(gate) * up, has outlier channels).
 Each group's LoRA A matrices can be stacked under the copy's weight (`fused_with`), so one GEMM
 gives both the projection and the adapters' low-rank input, and one fused op (csrc's
@@ -19,6 +23,7 @@ linear map), so it needs no access to vLLM's packed weight formats or to the che
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -31,7 +36,7 @@ from vllm_ptp.models.target import TargetLayer, TargetView
 _QINT8_MAX = 127
 # oneDNN primitives cached per handler (one per distinct row count, as vLLM's own linears).
 _ONEDNN_PRIMITIVE_CACHE = 32
-COMPACT_FORMATS = ("bf16", "fp16", "int8")
+COMPACT_FORMATS = ("bf16", "fp16", "w8a32", "int8")
 
 
 def has_bf16_gemms() -> bool:
@@ -40,11 +45,11 @@ def has_bf16_gemms() -> bool:
 
 
 def best_compact_format() -> str:
-    """The compact format this CPU runs best: bf16 with native bf16 GEMMs, else fp16 with
+    """The compact format this CPU runs best: bf16 with native bf16 GEMMs, else w8a32 with
     csrc's AVX2 GEMM, else int8."""
     if has_bf16_gemms():
         return "bf16"
-    return "fp16" if ops.simd_kernels() else "int8"
+    return "w8a32" if ops.simd_kernels() else "int8"
 
 
 @runtime_checkable
@@ -108,24 +113,27 @@ class Bf16Linear:
         return LoraFusedLinear(Bf16Linear(torch.cat((weight, lora_A.bfloat16()))), lora_Bs)
 
 
-class Fp16Linear:
-    """y = x W^T with W in fp16, packed once for csrc's AVX2 GEMM; x stays float32."""
+class PanelLinear:
+    """y = x W^T with W in fp16 or int8 (per-column scales), packed once for csrc's AVX2 GEMM;
+    x stays float32."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         self.out_features, self.in_features = weight.shape
-        self.packed = ops.pack_half_weight(weight)
+        self.dtype = dtype
+        self.packed, self.scales = ops.pack_panels(weight, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.gemm(x).to(x.dtype)
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.half_linear(x, self.packed, self.out_features)
+        return ops.panel_linear(x, self.packed, self.scales, self.out_features)
 
     def fused_with(self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]) -> "LoraFusedLinear":
-        """This map plus a gated low-rank update, A's rows packed after W's (W read back from
-        the packed copy, exactly)."""
+        """This map plus a gated low-rank update, A's rows packed after W's. W is read back from
+        the packed copy (exactly; int8 rows re-quantize to the same values, as in Int8Linear)."""
         weight = _recover_weight(self, self.in_features, torch.float32)
-        return LoraFusedLinear(Fp16Linear(torch.cat((weight, lora_A.float()))), lora_Bs)
+        stacked = PanelLinear(torch.cat((weight, lora_A.float())), self.dtype)
+        return LoraFusedLinear(stacked, lora_Bs)
 
 
 class LoraFusedLinear:
@@ -174,7 +182,12 @@ def compact_view(
     if weight_format == "bf16" and not has_bf16_gemms():
         raise ValueError("bf16 draft weights need a CPU with bf16 GEMMs (AVX-512 BF16 or AMX); "
                          f"use {best_compact_format()}")
-    linear = {"bf16": Bf16Linear, "fp16": Fp16Linear, "int8": Int8Linear}[weight_format]
+    linear = {
+        "bf16": Bf16Linear,
+        "fp16": functools.partial(PanelLinear, dtype=torch.float16),
+        "w8a32": functools.partial(PanelLinear, dtype=torch.int8),
+        "int8": Int8Linear,
+    }[weight_format]
     q_size = target.num_heads * target.head_dim
 
     def compact(projection: Callable, in_features: int) -> CompactLinear:
