@@ -123,7 +123,10 @@ def drafter_pass_cases():
         for context in (128, 1024):
             blocks = requests * context // BLOCK_SIZE
             cache = torch.randn(blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM)
-            slots = torch.randperm(blocks * BLOCK_SIZE)[: requests * context].view(requests, -1)
+            # As vLLM lays a request out: its blocks anywhere in the cache, positions in order
+            # within each block.
+            blocks_in_any_order = torch.randperm(blocks)[:, None] * BLOCK_SIZE
+            slots = (blocks_in_any_order + torch.arange(BLOCK_SIZE)).view(requests, -1)
             lens = torch.full((requests,), context)
             qkv = torch.randn(requests, q_len, HEADS + 2 * KV_HEADS, HEAD_DIM)
             args = (qkv, HEADS, cache, slots, lens)

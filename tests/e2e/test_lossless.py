@@ -98,7 +98,7 @@ def test_shallow_drafter_serves_losslessly(engine, target_dir, specbench_chats, 
 def test_first_draft_is_the_targets_own_next_token(target_dir, untrained_checkpoint,
                                                   specbench_chats):
     # Untrained adapters draft nothing useful, but the newest token's row is the target itself:
-    # the first draft is its F^-1(u), which verification accepts unless the drafter's int8
+    # the first draft is its F^-1(u), which verification accepts unless the drafter's compact
     # weights round it across a CDF boundary.
     llm = LLM(model=str(target_dir), speculative_config=speculative_config(untrained_checkpoint, 2),
               **{**TESTBED_ENGINE_KWARGS, "kv_cache_memory_bytes": 512 << 20})
