@@ -9,9 +9,9 @@ Drafts only need to be good, not exact (verification is), so the drafter reads a
   for CPUs with AVX2 but no bf16 GEMMs (e.g. AMD Zen 3). The bytes of bf16, with 3 more bits
   of mantissa.
 - `w8a32`: per-channel int8 weights and float32 activations through the same GEMM, for the
-  same CPUs: half of fp16's bytes and fewer conversion instructions per multiply-add (the GEMM
-  is compute-bound at a pass's rows there); rounding only the weights, not the activations,
-  keeps the drafts close to the target's.
+  same CPUs: half of fp16's bytes, a little faster (the GEMM is mostly compute-bound at a
+  pass's rows there); rounding only the weights, not the activations, keeps the drafts close
+  to the target's.
 - `int8`: per-channel int8 weights with dynamically quantized activations (fbgemm), for CPUs
   without AVX2. 4x fewer bytes than fp32, but fbgemm's per-tensor 7-bit activations move the
   argmax now and then (down_proj's input, SiLU(gate) * up, has outlier channels).
