@@ -20,7 +20,8 @@ PTP_AVX2 inline __m256 load8(const c10::Half* x) {
 }
 
 PTP_AVX2 inline __m256 load8(const int8_t* x) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
 
 // x[0..8) as float32, or only x[0..remaining) followed by `fill` when remaining < 8.

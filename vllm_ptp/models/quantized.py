@@ -119,7 +119,6 @@ class PanelLinear:
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         self.out_features, self.in_features = weight.shape
-        self.dtype = dtype
         self.packed, self.scales = ops.pack_panels(weight, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +131,7 @@ class PanelLinear:
         """This map plus a gated low-rank update, A's rows packed after W's. W is read back from
         the packed copy (exactly; int8 rows re-quantize to the same values, as in Int8Linear)."""
         weight = _recover_weight(self, self.in_features, torch.float32)
-        stacked = PanelLinear(torch.cat((weight, lora_A.float())), self.dtype)
+        stacked = PanelLinear(torch.cat((weight, lora_A.float())), self.packed.dtype)
         return LoraFusedLinear(stacked, lora_Bs)
 
 
