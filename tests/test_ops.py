@@ -358,6 +358,15 @@ def test_panel_linear_matches_reference(dtype, rows, out_features, in_features):
 
 
 @needs_simd
+def test_panel_linear_keeps_leading_dimensions():
+    weight, x = torch.randn(20, 8), torch.randn(2, 3, 8)
+    packed, scales = ops.pack_panels(weight, torch.int8)
+    got = ops.panel_linear(x, packed, scales, 20)
+    assert got.shape == (2, 3, 20)
+    torch.testing.assert_close(got, ops.reference_panel_linear(x, packed, scales, 20))
+
+
+@needs_simd
 def test_panel_linear_rejects_a_mismatched_packing():
     x = torch.zeros(2, 8)
     half, _ = ops.pack_panels(torch.zeros(20, 8), torch.float16)

@@ -308,11 +308,13 @@ def pack_panels(
 def panel_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
-    """x W^T in float32 for weights packed by `pack_panels`. The kernel needs AVX2; without it,
-    torch over the unpacked weights."""
+    """x W^T in float32 for weights packed by `pack_panels`, x [..., in_features]. The kernel
+    needs AVX2; without it, torch over the unpacked weights."""
     if not simd_kernels(x.device):
         return reference_panel_linear(x, packed, scales, out_features)
-    return torch.ops.vllm_ptp.panel_linear(x.float().contiguous(), packed, scales, out_features)
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.ops.vllm_ptp.panel_linear(rows, packed, scales, out_features)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def reference_panel_linear(

@@ -23,7 +23,12 @@ from vllm_ptp import lookup, ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
-from vllm_ptp.models.quantized import COMPACT_FORMATS, best_compact_format, compact_view
+from vllm_ptp.models.quantized import (
+    COMPACT_FORMATS,
+    best_compact_format,
+    compact_linear,
+    compact_view,
+)
 from vllm_ptp.models.target import TargetView, from_vllm_llama
 from vllm_ptp.sampling import SamplingRows
 
@@ -109,7 +114,9 @@ class PTPProposer:
         self.drafter.bind_target(
             _draft_target(target_model, hf_config, draft_weights, self.drafter.layer_indices)
         )
-        self.drafter.prepare_for_serving()
+        self.drafter.prepare_for_serving(
+            compact_linear(draft_weights) if draft_weights in COMPACT_FORMATS else None
+        )
         if self.prompt_lookup != "off":
             lookup.warm_up()
         self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]

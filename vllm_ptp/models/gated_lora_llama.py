@@ -125,6 +125,19 @@ class UEmbedding(nn.Module):
         return torch.where((u < 0).unsqueeze(-1), self.greedy, sampled)
 
 
+@dataclass
+class HeadMaps:
+    """A dependency head's three maps: its own layers, or compact copies of them for serving."""
+
+    fc_hidden: Projection
+    fc_previous: Projection
+    out: Projection
+
+    def direction(self, hidden_part: torch.Tensor, previous_embeds: torch.Tensor) -> torch.Tensor:
+        """d for rows whose fc_hidden(h) is `hidden_part`, given e(previous draft)."""
+        return self.out(F.silu(hidden_part + self.fc_previous(previous_embeds)))
+
+
 class DependencyHead(nn.Module):
     """Makes each later draft depend on the token drafted just before it, which the auxiliary
     rows only infer inside the pass. It adds e(c) . d to the logit of candidate c, where e is
@@ -138,9 +151,18 @@ class DependencyHead(nn.Module):
         self.out = nn.Linear(width, hidden_size, bias=False)
         nn.init.zeros_(self.out.weight)
 
-    def direction(self, hidden_part: torch.Tensor, previous_embeds: torch.Tensor) -> torch.Tensor:
-        """d for rows whose fc_hidden(h) is `hidden_part`, given e(previous draft)."""
-        return self.out(F.silu(hidden_part + self.fc_previous(previous_embeds)))
+    def maps(self) -> HeadMaps:
+        return HeadMaps(self.fc_hidden, self.fc_previous, self.out)
+
+    def compact_maps(self, linear: Callable[[torch.Tensor], Projection]) -> HeadMaps:
+        """Serving copies made by `linear` from each weight (the draft weights' compact format):
+        re-ranking runs them on a row or a few per call, where torch's float32 GEMM is slow."""
+        fc_hidden, bias = linear(self.fc_hidden.weight.detach()), self.fc_hidden.bias.detach()
+        return HeadMaps(
+            fc_hidden=lambda x: fc_hidden(x) + bias,
+            fc_previous=linear(self.fc_previous.weight.detach()),
+            out=linear(self.out.weight.detach()),
+        )
 
 
 class LoraAdapter(nn.Module):
@@ -307,6 +329,7 @@ class GatedLoraDrafter(nn.Module):
         )
         self.target: TargetView | None = None
         self.served_projections: list[dict[str, GatedProjection]] | None = None
+        self.served_head: HeadMaps | None = None
 
     @property
     def adapts_token_row(self) -> bool:
@@ -332,15 +355,22 @@ class GatedLoraDrafter(nn.Module):
         self.target = target
         self.served_projections = None
 
-    def prepare_for_serving(self) -> None:
+    def prepare_for_serving(
+        self, linear: Callable[[torch.Tensor], Projection] | None = None
+    ) -> None:
         """Join every layer's adapters to the bound target's projections once, for a drafter
         that will not be trained again. Training joins them in each forward instead, so
-        gradients reach every projection's own A and B (the checkpoint's parameters)."""
+        gradients reach every projection's own A and B (the checkpoint's parameters).
+        `linear` makes the dependency head's serving copies (the compact draft weights' format;
+        None: its own layers)."""
         with torch.no_grad():
             self.served_projections = [
                 self._projections(index, adapters)
                 for index, adapters in zip(self.layer_indices, self.lora)
             ]
+            head = self.dependency_head
+            if head is not None:
+                self.served_head = head.maps() if linear is None else head.compact_maps(linear)
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.named_parameters()}
@@ -381,7 +411,9 @@ class GatedLoraDrafter(nn.Module):
         row's argmax; with one, row by row, the row's top candidates re-ranked knowing the
         draft before it (a few small ops per row: the candidates' logits are already there)."""
         rows = logits[:, 2:]
-        head = self.dependency_head
+        head = self.served_head
+        if head is None and self.dependency_head is not None:
+            head = self.dependency_head.maps()
         if head is None or rows.shape[1] == 0:
             return rows.argmax(dim=-1)
         scores, candidates = rows.topk(self.config.dependency_candidates, dim=-1)
@@ -401,7 +433,7 @@ class GatedLoraDrafter(nn.Module):
     ) -> torch.Tensor:
         """Training: logits of auxiliary rows 2..k over the whole vocabulary with the dependency
         head's correction, given the true previous tokens [N, k - 1]: [N, k - 1, vocab]."""
-        head = self.dependency_head
+        head = self.dependency_head.maps()
         embeddings = self.target.embed_tokens.weight
         direction = head.direction(head.fc_hidden(hidden[:, 2:]), embeddings[previous])
         return logits[:, 2:] + direction @ embeddings.T

@@ -170,23 +170,28 @@ def _recover_weight(projection: Callable, in_features: int, dtype: torch.dtype) 
     return projection(torch.eye(in_features, dtype=dtype)).T.contiguous()
 
 
+def compact_linear(weight_format: str) -> Callable[[torch.Tensor], CompactLinear]:
+    """What makes a compact copy in `weight_format` of a weight matrix [out, in]."""
+    if weight_format not in COMPACT_FORMATS:
+        raise ValueError(f"compact weight format {weight_format!r} is not one of {COMPACT_FORMATS}")
+    if weight_format == "bf16" and not has_bf16_gemms():
+        raise ValueError("bf16 draft weights need a CPU with bf16 GEMMs (AVX-512 BF16 or AMX); "
+                         f"use {best_compact_format()}")
+    return {
+        "bf16": Bf16Linear,
+        "fp16": functools.partial(PanelLinear, dtype=torch.float16),
+        "w8a32": functools.partial(PanelLinear, dtype=torch.int8),
+        "int8": Int8Linear,
+    }[weight_format]
+
+
 def compact_view(
     target: TargetView, weight_format: str, hidden_size: int, intermediate_size: int, layers: range
 ) -> TargetView:
     """The same target with its projections and LM head replaced by compact copies in
     `weight_format`, in the given layers (the ones the drafter runs; the others are left as
     served)."""
-    if weight_format not in COMPACT_FORMATS:
-        raise ValueError(f"compact weight format {weight_format!r} is not one of {COMPACT_FORMATS}")
-    if weight_format == "bf16" and not has_bf16_gemms():
-        raise ValueError("bf16 draft weights need a CPU with bf16 GEMMs (AVX-512 BF16 or AMX); "
-                         f"use {best_compact_format()}")
-    linear = {
-        "bf16": Bf16Linear,
-        "fp16": functools.partial(PanelLinear, dtype=torch.float16),
-        "w8a32": functools.partial(PanelLinear, dtype=torch.int8),
-        "int8": Int8Linear,
-    }[weight_format]
+    linear = compact_linear(weight_format)
     q_size = target.num_heads * target.head_dim
 
     def compact(projection: Callable, in_features: int) -> CompactLinear:
