@@ -254,19 +254,28 @@ def test_served_dependency_head_in_compact_weights_drafts_as_its_layers(
     path = init_checkpoint(target_dir, tmp_path / "c", dependency_head=64, dependency_candidates=8)
     drafter = load_checkpoint(path, config).eval()
     drafter.bind_target(from_hf_llama(hf_target))
+    head = drafter.dependency_head
     torch.manual_seed(0)
     with torch.no_grad():
-        drafter.dependency_head.out.weight.normal_(std=0.2)
+        head.out.weight.normal_(std=0.2)
+        head.fc_hidden.bias.normal_(std=0.5)
         hidden = torch.randn(16, 9, config.hidden_size)
         first = torch.randint(config.vocab_size, (16,))
         logits = drafter.logits(hidden)
         exact = drafter.later_drafts(hidden, logits, first)
         drafter.prepare_for_serving(compact_linear(weight_format))
-        assert not isinstance(drafter.served_head.out, torch.nn.Linear)
-        served = drafter.later_drafts(hidden, logits, first)
-    assert not torch.equal(exact, logits[:, 2:].argmax(dim=-1))  # the head re-ranks
-    # Rounding the head's weights may flip a near tie, which then changes the rows after it.
-    assert (served == exact).float().mean() >= 0.9
+        served, own = drafter.served_head, head.maps()
+        assert not isinstance(served.out, torch.nn.Linear)
+        rows, embeds = hidden[:, 2:], hf_target.model.embed_tokens(first)[:, None]
+        direction = served.direction(served.fc_hidden(rows), embeds)
+        expected = own.direction(own.fc_hidden(rows), embeds)
+        drafts = drafter.later_drafts(hidden, logits, first)
+    # The maps themselves, to the format's rounding of the weights.
+    assert (direction - expected).norm() < 0.05 * expected.norm()
+    # Rounding may flip a near tie between candidates, which then changes the rows after it.
+    plain = logits[:, 2:].argmax(dim=-1)
+    assert (drafts == exact).float().mean() >= 0.9
+    assert (plain == exact).float().mean() < 0.5  # the head does re-rank
 
 
 def test_served_rope_is_the_targets_own_op(drafter, hf_target):

@@ -359,11 +359,13 @@ def test_panel_linear_matches_reference(dtype, rows, out_features, in_features):
 
 @needs_simd
 def test_panel_linear_keeps_leading_dimensions():
+    torch.manual_seed(0)
     weight, x = torch.randn(20, 8), torch.randn(2, 3, 8)
     packed, scales = ops.pack_panels(weight, torch.int8)
     got = ops.panel_linear(x, packed, scales, 20)
     assert got.shape == (2, 3, 20)
-    torch.testing.assert_close(got, ops.reference_panel_linear(x, packed, scales, 20))
+    expected = ops.reference_panel_linear(x, packed, scales, 20)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_simd

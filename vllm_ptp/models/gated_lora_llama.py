@@ -155,14 +155,18 @@ class DependencyHead(nn.Module):
         return HeadMaps(self.fc_hidden, self.fc_previous, self.out)
 
     def compact_maps(self, linear: Callable[[torch.Tensor], Projection]) -> HeadMaps:
-        """Serving copies made by `linear` from each weight (the draft weights' compact format):
-        re-ranking runs them on a row or a few per call, where torch's float32 GEMM is slow."""
-        fc_hidden, bias = linear(self.fc_hidden.weight.detach()), self.fc_hidden.bias.detach()
-        return HeadMaps(
-            fc_hidden=lambda x: fc_hidden(x) + bias,
-            fc_previous=linear(self.fc_previous.weight.detach()),
-            out=linear(self.out.weight.detach()),
-        )
+        """Copies of the three layers as they are now, their weights made compact by `linear`
+        (the draft weights' format): re-ranking runs them on a row or a few per call, where
+        torch's float32 GEMM is slow."""
+
+        def compact(layer: nn.Linear) -> Projection:
+            project = linear(layer.weight.detach())
+            if layer.bias is None:
+                return project
+            bias = layer.bias.detach()
+            return lambda x: project(x) + bias
+
+        return HeadMaps(compact(self.fc_hidden), compact(self.fc_previous), compact(self.out))
 
 
 class LoraAdapter(nn.Module):
@@ -361,16 +365,15 @@ class GatedLoraDrafter(nn.Module):
         """Join every layer's adapters to the bound target's projections once, for a drafter
         that will not be trained again. Training joins them in each forward instead, so
         gradients reach every projection's own A and B (the checkpoint's parameters).
-        `linear` makes the dependency head's serving copies (the compact draft weights' format;
-        None: its own layers)."""
+        `linear`, the compact draft weights' format, also makes the dependency head's serving
+        copies (None: it runs its own layers)."""
         with torch.no_grad():
             self.served_projections = [
                 self._projections(index, adapters)
                 for index, adapters in zip(self.layer_indices, self.lora)
             ]
-            head = self.dependency_head
-            if head is not None:
-                self.served_head = head.maps() if linear is None else head.compact_maps(linear)
+            if self.dependency_head is not None and linear is not None:
+                self.served_head = self.dependency_head.compact_maps(linear)
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.named_parameters()}
