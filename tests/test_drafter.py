@@ -199,7 +199,7 @@ def test_compact_draft_weights_stay_close_to_the_target(
         ])
 
     exact = passes()
-    drafter.bind_target(compact_view(target, weight_format, config.hidden_size,
+    drafter.bind_target(compact_view(target, compact_linear(weight_format), config.hidden_size,
                                      config.intermediate_size, drafter.layer_indices))
     approximate = passes()
     top5 = approximate.topk(5, dim=-1).indices
@@ -208,11 +208,9 @@ def test_compact_draft_weights_stay_close_to_the_target(
     assert agreement >= (0.8 if weight_format == "int8" else 0.95)
 
 
-def test_compact_view_rejects_unknown_formats(drafter, hf_target):
-    config = hf_target.config
+def test_compact_weights_reject_unknown_formats():
     with pytest.raises(ValueError, match="'fp8' is not one of"):
-        compact_view(drafter.target, "fp8", config.hidden_size, config.intermediate_size,
-                     range(1))
+        compact_linear("fp8")
 
 
 @pytest.mark.parametrize("weight_format", compact_formats())
@@ -223,7 +221,7 @@ def test_adapters_fused_into_the_compact_gemm_match_the_separate_update(
     gate off are the compact projection itself, gated rows add the same low-rank update as the
     separate path up to the format's rounding of A."""
     config = hf_target.config
-    view = compact_view(drafter.target, weight_format, config.hidden_size,
+    view = compact_view(drafter.target, compact_linear(weight_format), config.hidden_size,
                         config.intermediate_size, range(1))
     adapters = drafter.lora[0]
     with torch.no_grad():

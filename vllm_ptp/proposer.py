@@ -11,6 +11,7 @@ request's copies keep being accepted it skips the drafter altogether (copy runs,
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from vllm_ptp.config import TargetIdentity
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
 from vllm_ptp.models.quantized import (
     COMPACT_FORMATS,
+    CompactLinear,
     best_compact_format,
     compact_linear,
     compact_view,
@@ -111,12 +113,11 @@ class PTPProposer:
         drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
         self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
         draft_weights = draft_weights_setting(self.device)
+        linear = None if draft_weights == "target" else compact_linear(draft_weights)
         self.drafter.bind_target(
-            _draft_target(target_model, hf_config, draft_weights, self.drafter.layer_indices)
+            _draft_target(target_model, hf_config, linear, self.drafter.layer_indices)
         )
-        self.drafter.prepare_for_serving(
-            compact_linear(draft_weights) if draft_weights in COMPACT_FORMATS else None
-        )
+        self.drafter.prepare_for_serving(linear)
         if self.prompt_lookup != "off":
             lookup.warm_up()
         self.attention_layers = [layer.self_attn.attn for layer in target_model.model.layers]
@@ -286,14 +287,16 @@ def _k_by_batch_size(vllm_config: VllmConfig) -> list[int] | None:
 
 
 def _draft_target(
-    target_model: torch.nn.Module, hf_config, draft_weights: str, layers: range
+    target_model: torch.nn.Module,
+    hf_config,
+    linear: Callable[[torch.Tensor], CompactLinear] | None,
+    layers: range,
 ) -> TargetView:
+    """The target as the drafter reads it: as served (`linear` None) or compact copies."""
     target = from_vllm_llama(target_model, hf_config)
-    if draft_weights == "target":
+    if linear is None:
         return target
-    return compact_view(
-        target, draft_weights, hf_config.hidden_size, hf_config.intermediate_size, layers
-    )
+    return compact_view(target, linear, hf_config.hidden_size, hf_config.intermediate_size, layers)
 
 
 class PagedContext:

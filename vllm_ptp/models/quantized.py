@@ -186,12 +186,15 @@ def compact_linear(weight_format: str) -> Callable[[torch.Tensor], CompactLinear
 
 
 def compact_view(
-    target: TargetView, weight_format: str, hidden_size: int, intermediate_size: int, layers: range
+    target: TargetView,
+    linear: Callable[[torch.Tensor], CompactLinear],
+    hidden_size: int,
+    intermediate_size: int,
+    layers: range,
 ) -> TargetView:
-    """The same target with its projections and LM head replaced by compact copies in
-    `weight_format`, in the given layers (the ones the drafter runs; the others are left as
-    served)."""
-    linear = compact_linear(weight_format)
+    """The same target with its projections and LM head replaced by compact copies made by
+    `linear` (`compact_linear(format)`), in the given layers (the ones the drafter runs; the
+    others are left as served)."""
     q_size = target.num_heads * target.head_dim
 
     def compact(projection: Callable, in_features: int) -> CompactLinear:
