@@ -147,6 +147,24 @@ def drafter_pass_cases():
                lambda a=args: ops.gated_lora_expand(*a),
                stacked.numel() * 2 + 2 * LORA_RANK * INTERMEDIATE * 4
                + requests * q_len * out_features * 4)
+    # gate_up with its two adapters as served: [W; A] in one int8 GEMM whose epilogue adds the
+    # gated B update, against torch's float32 over W, A and B.
+    weight = torch.randn(2 * INTERMEDIATE, HIDDEN) * 0.05
+    lora_A = torch.randn(2 * LORA_RANK, HIDDEN) * 0.05
+    lora_Bs = [torch.randn(INTERMEDIATE, LORA_RANK) * 0.05 for _ in range(2)]
+    lora_B = torch.block_diag(*lora_Bs)
+    packed, scales = ops.pack_panels(torch.cat((weight, lora_A)), torch.int8)
+    lora = ops.LoraPanels.pack(lora_Bs)
+    for requests in (1, 8):
+        x = torch.randn(requests * q_len, HIDDEN)
+        gate = torch.ones(requests, q_len, 1)
+        gate[:, 0] = 0
+        gate = gate.view(-1, 1)
+        yield ("panel_linear + LoRA", "gate_up, int8, rank 32", len(x), None,
+               lambda x=x, g=gate: x @ weight.T + ((x @ lora_A.T) * g) @ lora_B.T,
+               lambda x=x, g=gate: ops.panel_linear(x, packed, scales, 2 * INTERMEDIATE, g, lora),
+               packed.numel() + lora.blocks.numel() * 2 + x.numel() * 4
+               + len(x) * 2 * INTERMEDIATE * 4)
     for name, out_features in (("gate_up", 2 * INTERMEDIATE), ("LM head", VOCABS[0])):
         weight = torch.randn(out_features, HIDDEN) * 0.05
         for dtype in (torch.float16, torch.int8):

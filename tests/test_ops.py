@@ -368,6 +368,63 @@ def test_panel_linear_keeps_leading_dimensions():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def lora_group(in_features: int, dtype: torch.dtype):
+    """A projection group as the drafter serves it: [W; A] packed, its B's as LoraPanels. Widths
+    cut panels mid-way (100, 77) and one projection has no adapter (rank 0)."""
+    widths, ranks = [100, 576, 77, 1536], [0, 32, 8, 32]
+    weight = torch.randn(sum(widths) + sum(ranks), in_features) * 0.1
+    lora_Bs = [torch.randn(width, rank) * 0.05 for width, rank in zip(widths, ranks)]
+    packed, scales = ops.pack_panels(weight, dtype)
+    return sum(widths), packed, scales, lora_Bs, ops.LoraPanels.pack(lora_Bs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+def test_lora_panels_reference_is_the_gated_low_rank_update(dtype):
+    """The epilogue's reference adds ((x A^T) * gate) B^T with B as packed (fp16): checked
+    against the dense product of the unpacked [W; A] and the block-diagonal B."""
+    torch.manual_seed(1)
+    out_features, packed, scales, lora_Bs, lora = lora_group(40, dtype)
+    x, gate = torch.randn(7, 40), (torch.rand(7) < 0.6).float()
+    stacked = ops.reference_panel_linear(x, packed, scales, packed.shape[0] * 16)
+    xa = stacked[:, out_features:out_features + 72] * gate[:, None]
+    dense_b = torch.block_diag(*lora_Bs).half().float()
+    expected = stacked[:, :out_features] + xa @ dense_b.T
+    got = ops.reference_panel_linear(x, packed, scales, out_features, gate, lora)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert lora.blocks.dtype == torch.float16 and lora.offsets[:6].eq(-1).all()  # 100 columns
+
+
+@needs_simd
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
+@pytest.mark.parametrize("rows", [0, 1, 5, 9, 71])
+def test_panel_linear_lora_epilogue_matches_reference(dtype, rows):
+    torch.manual_seed(rows)
+    out_features, packed, scales, _, lora = lora_group(576, dtype)
+    x, gate = torch.randn(rows, 576), (torch.rand(rows, 1) < 0.7).float()
+    got = ops.panel_linear(x, packed, scales, out_features, gate, lora)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    expected = ops.reference_panel_linear(x, packed, scales, out_features, gate, lora)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    off = gate[:, 0] == 0  # gated-off rows are the plain projection
+    plain = ops.reference_panel_linear(x[off], packed, scales, out_features)
+    torch.testing.assert_close(got[off], plain, rtol=1e-4, atol=1e-4)
+
+
+@needs_simd
+def test_panel_linear_lora_epilogue_rejects_bad_arguments():
+    out_features, packed, scales, _, lora = lora_group(8, torch.int8)
+    x, gate = torch.zeros(2, 8), torch.ones(2)
+    with pytest.raises(RuntimeError, match="come together"):
+        kernels.panel_linear(x, packed, scales, out_features, None, lora.blocks, lora.offsets)
+    past = lora.offsets.clone()
+    past[-1] = 72
+    with pytest.raises(RuntimeError, match="reads past the packed A rows"):
+        kernels.panel_linear(x, packed, scales, out_features, gate, lora.blocks, past)
+    with pytest.raises(RuntimeError, match="lora_b must be"):
+        kernels.panel_linear(x, packed, scales, out_features, gate, lora.blocks.float(),
+                             lora.offsets)
+
+
 @needs_simd
 def test_panel_linear_rejects_a_mismatched_packing():
     x = torch.zeros(2, 8)

@@ -10,6 +10,7 @@ Which path runs is logged once per process; VLLM_PTP_KERNELS=torch forces the re
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,7 +93,8 @@ def _register_fakes() -> None:
     def fake_lora_expand(stacked, gate, lora_Bs_t, columns, ranks, out_features):
         return stacked.new_empty(stacked.shape[0], out_features, dtype=torch.float32)
 
-    def fake_panel_linear(x, packed, scales, out_features):
+    def fake_panel_linear(x, packed, scales, out_features, gate=None, lora_b=None,
+                          lora_offsets=None):
         return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
     for name, fake in [
@@ -305,25 +307,91 @@ def pack_panels(
     return packed.view(-1, PANEL, in_features).transpose(1, 2).contiguous(), scales
 
 
+@dataclass
+class LoraPanels:
+    """A LoRA group's B's as `panel_linear`'s epilogue reads them: per panel of 16 output
+    columns, a [width, 16] block of B^T (fp16) over the low-rank columns from `offsets[panel]`
+    (-1: no adapter there)."""
+
+    blocks: torch.Tensor  # [ceil(out_features / 16), width, 16] fp16
+    offsets: torch.Tensor  # [ceil(out_features / 16)] int64
+
+    @classmethod
+    def pack(cls, lora_Bs: list[torch.Tensor]) -> "LoraPanels":
+        """lora_Bs: one B per projection of the group in output order, [out_i, rank_i] (rank 0:
+        no adapter), over consecutive low-rank columns. Each panel's block spans the low-rank
+        columns of the projections its columns belong to."""
+        spans = []  # (first output column, end, first low-rank column, end) per adapter
+        column = rank = 0
+        for lora_B in lora_Bs:
+            out_i, rank_i = lora_B.shape
+            if rank_i:
+                spans.append((column, column + out_i, rank, rank + rank_i))
+            column, rank = column + out_i, rank + rank_i
+        panels = -(-column // PANEL)
+        starts, ends = [rank] * panels, [0] * panels
+        for first, end, low, high in spans:
+            for panel in range(first // PANEL, -(-end // PANEL)):
+                starts[panel], ends[panel] = min(starts[panel], low), max(ends[panel], high)
+        width = max(end - start for start, end in zip(starts, ends))
+        dense = torch.nn.functional.pad(torch.block_diag(*lora_Bs).float(),
+                                        (0, 0, 0, -column % PANEL))
+        blocks = torch.zeros(panels, width, PANEL)
+        offsets = torch.full((panels,), -1, dtype=torch.long)
+        for panel, (start, end) in enumerate(zip(starts, ends)):
+            if end > start:
+                offsets[panel] = start = min(start, rank - width)
+                blocks[panel] = dense[panel * PANEL : (panel + 1) * PANEL, start : start + width].T
+        return cls(blocks.half(), offsets)
+
+
 def panel_linear(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None, out_features: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor | None,
+    out_features: int,
+    gate: torch.Tensor | None = None,
+    lora: LoraPanels | None = None,
 ) -> torch.Tensor:
-    """x W^T in float32 for weights packed by `pack_panels`, x [..., in_features]. The kernel
-    needs AVX2; without it, torch over the unpacked weights."""
+    """x W^T in float32 for weights packed by `pack_panels`, x [..., in_features]. With `lora`,
+    the packed rows after W's out_features are a group's stacked A, and the result adds
+    ((x A^T) * gate) B^T in the GEMM's epilogue; gate [...] or [..., 1], zero where the adapters
+    are off. The kernel needs AVX2; without it, torch over the unpacked weights."""
     if not simd_kernels(x.device):
-        return reference_panel_linear(x, packed, scales, out_features)
+        return reference_panel_linear(x, packed, scales, out_features, gate, lora)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.vllm_ptp.panel_linear(rows, packed, scales, out_features)
+    if lora is None:
+        y = torch.ops.vllm_ptp.panel_linear(rows, packed, scales, out_features)
+    else:
+        y = torch.ops.vllm_ptp.panel_linear(
+            rows, packed, scales, out_features, gate.reshape(-1).float().contiguous(),
+            lora.blocks, lora.offsets,
+        )
     return y.view(*x.shape[:-1], out_features)
 
 
 def reference_panel_linear(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor | None, out_features: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor | None,
+    out_features: int,
+    gate: torch.Tensor | None = None,
+    lora: LoraPanels | None = None,
 ) -> torch.Tensor:
     weight = packed.transpose(1, 2).reshape(-1, packed.shape[1]).float()
     if scales is not None:
         weight = weight * scales[:, None]
-    return x.float() @ weight[:out_features].T
+    if lora is None:
+        return x.float() @ weight[:out_features].T
+    y = x.float() @ weight.T
+    out, xa = y[..., :out_features], y[..., out_features:] * gate.reshape(*x.shape[:-1], 1)
+    width = lora.blocks.shape[1]
+    for panel, offset in enumerate(lora.offsets.tolist()):
+        if offset >= 0:
+            columns = slice(panel * PANEL, min((panel + 1) * PANEL, out_features))
+            update = xa[..., offset : offset + width] @ lora.blocks[panel].float()
+            out[..., columns] += update[..., : columns.stop - columns.start]
+    return out
 
 
 def paged_draft_attention(

@@ -172,15 +172,26 @@ PTP_AVX2 void to_float(const T* x, float* y, int64_t n) {
   }
 }
 
-// y[i][0..columns) = x[i] . W^T for R <= 6 rows of x ([k_dim] each, ldx apart) and one panel of
-// 16 output columns of fp16 or int8 weights ([k_dim, 16], k-major; int8 columns times their
-// `scales`, none for fp16): 2R accumulators in registers over all of k (enough independent FMA
-// chains to hide their latency), and each weight vector converted once for the R rows. The
-// accumulators are two plain arrays, unrolled, so that GCC keeps them in registers instead of
-// spilling them every iteration.
+// A gated low-rank update for panel_gemm_tile to add to its panel: y[i] += xa[i][0..rank) . b,
+// b the panel's [rank, 16] block of B^T and xa[i] row i's gated (x A^T) inputs, ld_xa apart.
+struct PanelUpdate {
+  const float* xa = nullptr;
+  int64_t ld_xa = 0;
+  const c10::Half* b = nullptr;
+  int64_t rank = 0;  // 0: no update
+};
+
+// y[i][0..columns) = x[i] . W^T (+ `update`) for R <= 6 rows of x ([k_dim] each, ldx apart) and
+// one panel of 16 output columns of fp16 or int8 weights ([k_dim, 16], k-major; int8 columns
+// times their `scales`, none for fp16): 2R accumulators in registers over all of k (enough
+// independent FMA chains to hide their latency), and each weight vector converted once for the
+// R rows. The accumulators are two plain arrays, unrolled, so that GCC keeps them in registers
+// instead of spilling them every iteration. The low-rank update runs on the same accumulators
+// before they are stored: the drafter's gated LoRA costs no pass over the output of its own.
 template <int R, typename W>
 PTP_AVX2 void panel_gemm_tile(const float* x, int64_t ldx, const W* panel, const float* scales,
-                              int64_t k_dim, float* y, int64_t ldy, int64_t columns) {
+                              int64_t k_dim, const PanelUpdate& update, float* y, int64_t ldy,
+                              int64_t columns) {
   __m256 low[R], high[R];  // columns 0..8 and 8..16
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) low[i] = high[i] = _mm256_setzero_ps();
@@ -199,6 +210,15 @@ PTP_AVX2 void panel_gemm_tile(const float* x, int64_t ldx, const W* panel, const
     for (int i = 0; i < R; ++i) {
       low[i] = _mm256_mul_ps(low[i], scale_low);
       high[i] = _mm256_mul_ps(high[i], scale_high);
+    }
+  }
+  for (int64_t r = 0; r < update.rank; ++r) {
+    const __m256 b_low = load8(update.b + r * 16), b_high = load8(update.b + r * 16 + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 xa_ir = _mm256_broadcast_ss(update.xa + i * update.ld_xa + r);
+      low[i] = _mm256_fmadd_ps(xa_ir, b_low, low[i]);
+      high[i] = _mm256_fmadd_ps(xa_ir, b_high, high[i]);
     }
   }
 #pragma GCC unroll 8

@@ -600,27 +600,47 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
 constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 vectors)
 constexpr int64_t kTileRows = 6;  // rows per tile
 template <typename W>
-using PanelGemmTile = void (*)(const float*, int64_t, const W*, const float*, int64_t, float*,
-                               int64_t, int64_t);
+using PanelGemmTile = void (*)(const float*, int64_t, const W*, const float*, int64_t,
+                               const avx2::PanelUpdate&, float*, int64_t, int64_t);
 template <typename W>  // indexed by rows - 1
 constexpr PanelGemmTile<W> kPanelGemmTiles[kTileRows] = {
     avx2::panel_gemm_tile<1, W>, avx2::panel_gemm_tile<2, W>, avx2::panel_gemm_tile<3, W>,
     avx2::panel_gemm_tile<4, W>, avx2::panel_gemm_tile<5, W>, avx2::panel_gemm_tile<6, W>};
 
+// The gated low-rank update panel_gemm adds to its panels: per output panel a [rank, 16] block
+// of B^T and where its inputs start among the gated x A^T columns (-1: the panel has none).
+struct PanelLora {
+  const float* xa;  // [rows, ld_xa]
+  int64_t ld_xa;
+  const c10::Half* b;  // [panels, rank, 16]
+  const int64_t* offsets;  // [panels]
+  int64_t rank;
+};
+
+// The packed panels [first, end) of x W^T (+ `lora`): panel p's columns land at column
+// (p - first) * 16 of y, cut at `width`. One task per panel, over the rows in groups of at most
+// 6, as even as can be (9 rows: 5 + 4, not 6 + 3, whose 3 would leave the FMA units waiting on
+// latency).
 template <typename W>
 void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, const float* scales,
-                int64_t panels, int64_t k_dim, float* y, int64_t out_features) {
+                int64_t k_dim, int64_t first, int64_t end, float* y, int64_t ldy, int64_t width,
+                const PanelLora* lora) {
   const int64_t groups = (rows + kTileRows - 1) / kTileRows;
   const int64_t group_rows = groups ? (rows + groups - 1) / groups : 0;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t column = panel * kPanel;
-      const int64_t columns = std::min(kPanel, out_features - column);
+  at::parallel_for(first, end, 1, [&](int64_t begin, int64_t stop) {
+    for (int64_t panel = begin; panel < stop; ++panel) {
+      const int64_t column = (panel - first) * kPanel;
+      const int64_t offset = lora ? lora->offsets[panel] : -1;
       for (int64_t r = 0; r < rows; r += group_rows) {
+        avx2::PanelUpdate update;
+        if (offset >= 0) {
+          update = {lora->xa + r * lora->ld_xa + offset, lora->ld_xa,
+                    lora->b + panel * lora->rank * kPanel, lora->rank};
+        }
         kPanelGemmTiles<W>[std::min(group_rows, rows - r) - 1](
             x + r * ldx, ldx, packed + panel * k_dim * kPanel,
-            scales ? scales + column : nullptr, k_dim, y + r * out_features + column,
-            out_features, columns);
+            scales ? scales + panel * kPanel : nullptr, k_dim, update, y + r * ldy + column, ldy,
+            std::min(kPanel, width - column));
       }
     }
   });
@@ -629,20 +649,30 @@ void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, cons
 // y = x W^T in float32 for float32 x [M, K] and W [N, K] packed in panels of 16 output columns,
 // k-major ([ceil(N / 16), K, 16], zeros past N): fp16, or int8 with per-column `scales`
 // [ceil(N / 16) * 16]. The drafter's compact GEMM on CPUs with AVX2 but no 16-bit GEMMs of
-// their own: half (fp16) or a quarter (int8) of fp32's bytes, with float32 activations. One
-// task per panel, over the rows in groups of at most 6, as even as can be (9 rows: 5 + 4, not
-// 6 + 3, whose 3 would leave the FMA units waiting on latency).
+// their own: half (fp16) or a quarter (int8) of fp32's bytes, with float32 activations.
+// With `lora_b`, the packed rows after W's first N are a LoRA group's stacked A (zeros to the
+// panel's end) and y also gets the gated update: y += ((x A^T) * gate) B^T, B^T as per-panel
+// blocks lora_b [ceil(N / 16), rank, 16] (fp16) over the x A^T columns from lora_offsets[p]
+// (-1: none). x A^T is computed first; the update then runs in the GEMM's epilogue.
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
-                        const std::optional<at::Tensor>& scales, int64_t out_features) {
+                        const std::optional<at::Tensor>& scales, int64_t out_features,
+                        const std::optional<at::Tensor>& gate,
+                        const std::optional<at::Tensor>& lora_b,
+                        const std::optional<at::Tensor>& lora_offsets) {
   TORCH_CHECK(active_isa() != Isa::kScalar, "panel_linear needs AVX2");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
               x.device().is_cpu(), "x must be a float32 CPU [rows, in_features] tensor, rows "
               "contiguous");
-  const int64_t panels = packed.size(0);
+  const int64_t rows = x.size(0), panels = packed.size(0);
+  const int64_t out_panels = (out_features + kPanel - 1) / kPanel;
+  const bool lora = lora_b.has_value();
+  TORCH_CHECK(gate.has_value() == lora && lora_offsets.has_value() == lora,
+              "gate, lora_b and lora_offsets come together");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
               packed.size(1) == x.size(1) && out_features > 0 &&
-              (out_features + kPanel - 1) / kPanel == panels,
-              "packed must be contiguous [ceil(out_features / 16), in_features, 16]");
+              (lora ? panels * kPanel > out_features : panels == out_panels),
+              "packed must be contiguous [ceil(out_features / 16), in_features, 16] (with "
+              "lora_b: [ceil((out_features + rank) / 16), ...])");
   const bool int8 = packed.scalar_type() == at::kChar;
   TORCH_CHECK(int8 || packed.scalar_type() == at::kHalf, "packed weights must be fp16 or int8");
   TORCH_CHECK(int8 == scales.has_value(), "int8 weights need per-column scales, fp16 none");
@@ -650,13 +680,50 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
     TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() &&
                 scales->numel() == panels * kPanel, "scales must be float32 [ceil(N / 16) * 16]");
   }
-  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  // The x A^T columns: the packed panels from the one holding column out_features on.
+  const int64_t first_xa_panel = out_features / kPanel;
+  const int64_t xa_width = (panels - first_xa_panel) * kPanel;
+  const int64_t xa_offset = out_features - first_xa_panel * kPanel;
+  if (lora) {
+    TORCH_CHECK(gate->scalar_type() == at::kFloat && gate->is_contiguous() &&
+                gate->numel() == rows, "gate must be contiguous float32 [rows]");
+    TORCH_CHECK(lora_b->dim() == 3 && lora_b->size(0) == out_panels && lora_b->size(2) == kPanel &&
+                lora_b->scalar_type() == at::kHalf && lora_b->is_contiguous(),
+                "lora_b must be contiguous fp16 [ceil(out_features / 16), rank, 16]");
+    TORCH_CHECK(lora_offsets->scalar_type() == at::kLong && lora_offsets->is_contiguous() &&
+                lora_offsets->numel() == out_panels, "lora_offsets must be int64 [panels]");
+    const int64_t* offsets = lora_offsets->data_ptr<int64_t>();
+    for (int64_t p = 0; p < out_panels; ++p) {
+      TORCH_CHECK(offsets[p] == -1 || (offsets[p] >= 0 &&
+                  xa_offset + offsets[p] + lora_b->size(1) <= xa_width),
+                  "lora_offsets[", p, "] = ", offsets[p], " reads past the packed A rows");
+    }
+  }
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  const auto run = [&](const auto* weights) {
+    const float* column_scales = int8 ? scales->data_ptr<float>() : nullptr;
+    if (!lora) {
+      panel_gemm(x.data_ptr<float>(), rows, x.stride(0), weights, column_scales, x.size(1), 0,
+                 panels, y.data_ptr<float>(), out_features, out_features, nullptr);
+      return;
+    }
+    at::Tensor xa = at::empty({rows, xa_width}, x.options());
+    float* xa_data = xa.data_ptr<float>();
+    panel_gemm(x.data_ptr<float>(), rows, x.stride(0), weights, column_scales, x.size(1),
+               first_xa_panel, panels, xa_data, xa_width, xa_width, nullptr);
+    const float* g = gate->data_ptr<float>();
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t c = 0; c < xa_width; ++c) xa_data[m * xa_width + c] *= g[m];
+    }
+    const PanelLora update{xa_data + xa_offset, xa_width, lora_b->data_ptr<c10::Half>(),
+                           lora_offsets->data_ptr<int64_t>(), lora_b->size(1)};
+    panel_gemm(x.data_ptr<float>(), rows, x.stride(0), weights, column_scales, x.size(1), 0,
+               out_panels, y.data_ptr<float>(), out_features, out_features, &update);
+  };
   if (int8) {
-    panel_gemm(x.data_ptr<float>(), x.size(0), x.stride(0), packed.data_ptr<int8_t>(),
-               scales->data_ptr<float>(), panels, x.size(1), y.data_ptr<float>(), out_features);
+    run(packed.data_ptr<int8_t>());
   } else {
-    panel_gemm(x.data_ptr<float>(), x.size(0), x.stride(0), packed.data_ptr<c10::Half>(),
-               nullptr, panels, x.size(1), y.data_ptr<float>(), out_features);
+    run(packed.data_ptr<c10::Half>());
   }
   return y;
 }
@@ -887,7 +954,8 @@ TORCH_LIBRARY(vllm_ptp, m) {
   m.def("gather_paged_kv(Tensor cache, Tensor slots, Tensor(a!) keys, Tensor(b!) values) -> ()");
   m.def("paged_draft_attention(Tensor qkv, int num_heads, Tensor cache, Tensor slots, "
         "Tensor context_lens, float scale) -> Tensor");
-  m.def("panel_linear(Tensor x, Tensor packed, Tensor? scales, int out_features) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor packed, Tensor? scales, int out_features, "
+        "Tensor? gate=None, Tensor? lora_b=None, Tensor? lora_offsets=None) -> Tensor");
   m.def("gated_lora_expand(Tensor stacked, Tensor gate, Tensor[] lora_Bs_t, int[] columns, "
         "int[] ranks, int out_features) -> Tensor");
   // Test hooks: the CUDA kernel's block algorithm run on the host; the CPU ISA in use and
