@@ -146,9 +146,9 @@ def test_dependency_head_drafts_are_its_training_logits_argmax_among_candidates(
         logits = drafter.logits(hidden)
         plain = logits[:, 2:].argmax(dim=-1)
         # A new head (zero output) changes no draft.
-        assert torch.equal(drafter.later_drafts(hidden, logits, first), plain)
+        assert torch.equal(drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first), plain)
         drafter.dependency_head.out.weight.normal_(std=0.2)
-        drafts = drafter.later_drafts(hidden, logits, first)
+        drafts = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
         # Serving re-ranks each row's top candidates, knowing the draft before it; training
         # scores the whole vocabulary given the true previous token. Fed the served drafts as
         # previous tokens, training's scores pick the same drafts among the same candidates.
@@ -261,14 +261,14 @@ def test_served_dependency_head_in_compact_weights_drafts_as_its_layers(
         hidden = torch.randn(16, 9, config.hidden_size)
         first = torch.randint(config.vocab_size, (16,))
         logits = drafter.logits(hidden)
-        exact = drafter.later_drafts(hidden, logits, first)
+        exact = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
         drafter.prepare_for_serving(compact_linear(weight_format))
         served, own = drafter.served_head, head.maps()
         assert not isinstance(served.out, torch.nn.Linear)
         rows, embeds = hidden[:, 2:], hf_target.model.embed_tokens(first)[:, None]
         direction = served.direction(served.fc_hidden(rows), embeds)
         expected = own.direction(own.fc_hidden(rows), embeds)
-        drafts = drafter.later_drafts(hidden, logits, first)
+        drafts = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
     # The maps themselves, to the format's rounding of the weights.
     assert (direction - expected).norm() < 0.05 * expected.norm()
     # Rounding may flip a near tie between candidates, which then changes the rows after it.

@@ -263,13 +263,17 @@ class PTPProposer:
             target.num_heads,
         )
         hidden = drafter(query, context)
+        # The LM head runs on the rows that draft: the newest token's and auxiliary rows 2..k
+        # (row 1 drafts the first token too, which the newest token's row decides).
+        hidden = torch.cat((hidden[:, :1], hidden[:, 2:]), dim=1)
         logits = drafter.logits(hidden)
         # The newest token's row drafts the first token as verification will draw it, F^-1(u)
         # under the request's transform. At full depth that row is the target itself (adapters
         # off), so the draft is exact up to the draft weights' rounding; a shallow drafter
         # learns it.
         first = ops.sample(logits[:, 0], batch.next_token_sampling)
-        return torch.cat((first[:, None], drafter.later_drafts(hidden, logits, first)), dim=1)
+        later = drafter.later_drafts(hidden[:, 1:], logits[:, 1:], first)
+        return torch.cat((first[:, None], later), dim=1)
 
 
 def _k_by_batch_size(vllm_config: VllmConfig) -> list[int] | None:

@@ -153,7 +153,8 @@ def served_drafts(
     auxiliary rows. hidden, logits: from `drafter_pass`."""
     u = batch.u[:, 0].clamp(min=0.0)  # greedy rows (GREEDY_U) take the argmax anyway
     first = sample(logits[:, 0].float(), _transform_rows(seq, u))
-    return torch.cat((first[:, None], drafter.later_drafts(hidden, logits, first)), dim=1)
+    later = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
+    return torch.cat((first[:, None], later), dim=1)
 
 
 def accepted_lengths(predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
