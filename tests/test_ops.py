@@ -368,39 +368,57 @@ def test_panel_linear_keeps_leading_dimensions():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def lora_group(in_features: int, dtype: torch.dtype):
-    """A projection group as the drafter serves it: [W; A] packed, its B's as LoraPanels. Widths
-    cut panels mid-way (100, 77) and one projection has no adapter (rank 0)."""
-    widths, ranks = [100, 576, 77, 1536], [0, 32, 8, 32]
+# A projection group as the drafter serves it: widths of its projections and their adapters'
+# ranks. One cuts panels mid-way (100, 77) and has a projection without an adapter; one is
+# panel-aligned, as Llama's are.
+LORA_GROUPS = {"cut": ([100, 576, 77, 1536], [0, 32, 8, 32]), "aligned": ([64, 32], [16, 8])}
+
+
+def lora_group(
+    widths: list[int], ranks: list[int], in_features: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], ops.LoraPanels]:
+    """[W; A] packed for panel_linear, the B's, and the B's as its epilogue reads them."""
     weight = torch.randn(sum(widths) + sum(ranks), in_features) * 0.1
     lora_Bs = [torch.randn(width, rank) * 0.05 for width, rank in zip(widths, ranks)]
     packed, scales = ops.pack_panels(weight, dtype)
-    return sum(widths), packed, scales, lora_Bs, ops.LoraPanels.pack(lora_Bs)
+    return packed, scales, lora_Bs, ops.LoraPanels.pack(lora_Bs)
 
 
+def some_gates(rows: int) -> torch.Tensor:
+    """[rows, 1]: zero (adapters off) or any weight, so that a gate applied twice shows."""
+    return torch.rand(rows, 1) * (torch.rand(rows, 1) < 0.7)
+
+
+@pytest.mark.parametrize("group", LORA_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-def test_lora_panels_reference_is_the_gated_low_rank_update(dtype):
+def test_lora_panels_reference_is_the_gated_low_rank_update(group, dtype):
     """The epilogue's reference adds ((x A^T) * gate) B^T with B as packed (fp16): checked
     against the dense product of the unpacked [W; A] and the block-diagonal B."""
     torch.manual_seed(1)
-    out_features, packed, scales, lora_Bs, lora = lora_group(40, dtype)
-    x, gate = torch.randn(7, 40), (torch.rand(7) < 0.6).float()
-    stacked = ops.reference_panel_linear(x, packed, scales, packed.shape[0] * 16)
-    xa = stacked[:, out_features:out_features + 72] * gate[:, None]
-    dense_b = torch.block_diag(*lora_Bs).half().float()
-    expected = stacked[:, :out_features] + xa @ dense_b.T
+    widths, ranks = LORA_GROUPS[group]
+    out_features, rank = sum(widths), sum(ranks)
+    packed, scales, lora_Bs, lora = lora_group(widths, ranks, 40, dtype)
+    x, gate = torch.randn(7, 40), some_gates(7)
+    stacked = ops.reference_panel_linear(x, packed, scales, out_features + rank)
+    xa = stacked[:, out_features:] * gate
+    expected = stacked[:, :out_features] + xa @ torch.block_diag(*lora_Bs).half().float().T
     got = ops.reference_panel_linear(x, packed, scales, out_features, gate, lora)
+    assert got.is_contiguous() and lora.blocks.dtype == torch.float16
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert lora.blocks.dtype == torch.float16 and lora.offsets[:6].eq(-1).all()  # 100 columns
+    # Panels of projections without an adapter have no block (the first 100 columns).
+    assert lora.offsets[: widths[0] // 16].eq(-1).all() == (ranks[0] == 0)
 
 
 @needs_simd
+@pytest.mark.parametrize("group", LORA_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
 @pytest.mark.parametrize("rows", [0, 1, 5, 9, 71])
-def test_panel_linear_lora_epilogue_matches_reference(dtype, rows):
+def test_panel_linear_lora_epilogue_matches_reference(group, dtype, rows):
     torch.manual_seed(rows)
-    out_features, packed, scales, _, lora = lora_group(576, dtype)
-    x, gate = torch.randn(rows, 576), (torch.rand(rows, 1) < 0.7).float()
+    widths, ranks = LORA_GROUPS[group]
+    out_features = sum(widths)
+    packed, scales, _, lora = lora_group(widths, ranks, 576, dtype)
+    x, gate = torch.randn(rows, 576), some_gates(rows)
     got = ops.panel_linear(x, packed, scales, out_features, gate, lora)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     expected = ops.reference_panel_linear(x, packed, scales, out_features, gate, lora)
@@ -412,14 +430,22 @@ def test_panel_linear_lora_epilogue_matches_reference(dtype, rows):
 
 @needs_simd
 def test_panel_linear_lora_epilogue_rejects_bad_arguments():
-    out_features, packed, scales, _, lora = lora_group(8, torch.int8)
+    widths, ranks = LORA_GROUPS["cut"]
+    out_features = sum(widths)
+    packed, scales, _, lora = lora_group(widths, ranks, 8, torch.int8)
     x, gate = torch.zeros(2, 8), torch.ones(2)
     with pytest.raises(RuntimeError, match="come together"):
         kernels.panel_linear(x, packed, scales, out_features, None, lora.blocks, lora.offsets)
-    past = lora.offsets.clone()
-    past[-1] = 72
-    with pytest.raises(RuntimeError, match="reads past the packed A rows"):
-        kernels.panel_linear(x, packed, scales, out_features, gate, lora.blocks, past)
+    with pytest.raises(ValueError, match="exactly when"):
+        ops.panel_linear(x, packed, scales, out_features, gate)
+    with pytest.raises(RuntimeError, match="gate must be"):
+        kernels.panel_linear(x, packed, scales, out_features, gate[:1], lora.blocks, lora.offsets)
+    # The packed rows end at the last panel's end (A, then zeros).
+    for offset in (-2, packed.shape[0] * 16 - out_features - lora.blocks.shape[1] + 1):
+        bad = lora.offsets.clone()
+        bad[-1] = offset
+        with pytest.raises(RuntimeError, match="reads past the packed A rows"):
+            kernels.panel_linear(x, packed, scales, out_features, gate, lora.blocks, bad)
     with pytest.raises(RuntimeError, match="lora_b must be"):
         kernels.panel_linear(x, packed, scales, out_features, gate, lora.blocks.float(),
                              lora.offsets)

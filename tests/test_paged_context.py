@@ -75,7 +75,7 @@ def test_context_attention_reads_what_vllm_wrote(block_size, isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("q_len", [1, 9])
+@pytest.mark.parametrize("q_len", [1, 2, 5, 9])  # 3 rows per KV head, 6, 8 + 7, 3 * 8 + 3
 @pytest.mark.parametrize("head_dim", [64, 40])  # 40: vectors cut short in every SIMD width
 def test_attention_kernel_matches_the_torch_reference(dtype, q_len, head_dim, kernel_isa):
     torch.manual_seed(0)

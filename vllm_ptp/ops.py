@@ -307,7 +307,7 @@ def pack_panels(
     return packed.view(-1, PANEL, in_features).transpose(1, 2).contiguous(), scales
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraPanels:
     """A LoRA group's B's as `panel_linear`'s epilogue reads them: per panel of 16 output
     columns, a [width, 16] block of B^T (fp16) over the low-rank columns from `offsets[panel]`
@@ -333,6 +333,8 @@ class LoraPanels:
         for first, end, low, high in spans:
             for panel in range(first // PANEL, -(-end // PANEL)):
                 starts[panel], ends[panel] = min(starts[panel], low), max(ends[panel], high)
+        # One width for all (a panel straddling two adapted projections spans both ranks; at
+        # Llama's sizes, multiples of 16, none does).
         width = max(end - start for start, end in zip(starts, ends))
         dense = torch.nn.functional.pad(torch.block_diag(*lora_Bs).float(),
                                         (0, 0, 0, -column % PANEL))
@@ -340,6 +342,8 @@ class LoraPanels:
         offsets = torch.full((panels,), -1, dtype=torch.long)
         for panel, (start, end) in enumerate(zip(starts, ends)):
             if end > start:
+                # Blocks are `width` wide, narrower spans starting late shift left: a block
+                # must not read past A's last column.
                 offsets[panel] = start = min(start, rank - width)
                 blocks[panel] = dense[panel * PANEL : (panel + 1) * PANEL, start : start + width].T
         return cls(blocks.half(), offsets)
@@ -357,6 +361,8 @@ def panel_linear(
     the packed rows after W's out_features are a group's stacked A, and the result adds
     ((x A^T) * gate) B^T in the GEMM's epilogue; gate [...] or [..., 1], zero where the adapters
     are off. The kernel needs AVX2; without it, torch over the unpacked weights."""
+    if (gate is None) != (lora is None):
+        raise ValueError("panel_linear takes a gate exactly when it takes a LoRA group")
     if not simd_kernels(x.device):
         return reference_panel_linear(x, packed, scales, out_features, gate, lora)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
@@ -381,10 +387,10 @@ def reference_panel_linear(
     weight = packed.transpose(1, 2).reshape(-1, packed.shape[1]).float()
     if scales is not None:
         weight = weight * scales[:, None]
+    out = x.float() @ weight[:out_features].T
     if lora is None:
-        return x.float() @ weight[:out_features].T
-    y = x.float() @ weight.T
-    out, xa = y[..., :out_features], y[..., out_features:] * gate.reshape(*x.shape[:-1], 1)
+        return out
+    xa = (x.float() @ weight[out_features:].T) * gate.reshape(*x.shape[:-1], 1)
     width = lora.blocks.shape[1]
     for panel, offset in enumerate(lora.offsets.tolist()):
         if offset >= 0:

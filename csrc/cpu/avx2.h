@@ -172,13 +172,13 @@ PTP_AVX2 void to_float(const T* x, float* y, int64_t n) {
   }
 }
 
-// A gated low-rank update for panel_gemm_tile to add to its panel: y[i] += xa[i][0..rank) . b,
-// b the panel's [rank, 16] block of B^T and xa[i] row i's gated (x A^T) inputs, ld_xa apart.
+// A gated low-rank update for panel_gemm_tile to add to its panel: y[i] += xa[i][0..width) . b,
+// b the panel's [width, 16] block of B^T and xa[i] row i's gated (x A^T) inputs, ld_xa apart.
 struct PanelUpdate {
   const float* xa = nullptr;
   int64_t ld_xa = 0;
   const c10::Half* b = nullptr;
-  int64_t rank = 0;  // 0: no update
+  int64_t width = 0;  // 0: no update
 };
 
 // y[i][0..columns) = x[i] . W^T (+ `update`) for R <= 6 rows of x ([k_dim] each, ldx apart) and
@@ -212,7 +212,7 @@ PTP_AVX2 void panel_gemm_tile(const float* x, int64_t ldx, const W* panel, const
       high[i] = _mm256_mul_ps(high[i], scale_high);
     }
   }
-  for (int64_t r = 0; r < update.rank; ++r) {
+  for (int64_t r = 0; r < update.width; ++r) {
     const __m256 b_low = load8(update.b + r * 16), b_high = load8(update.b + r * 16 + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {

@@ -607,14 +607,15 @@ constexpr PanelGemmTile<W> kPanelGemmTiles[kTileRows] = {
     avx2::panel_gemm_tile<1, W>, avx2::panel_gemm_tile<2, W>, avx2::panel_gemm_tile<3, W>,
     avx2::panel_gemm_tile<4, W>, avx2::panel_gemm_tile<5, W>, avx2::panel_gemm_tile<6, W>};
 
-// The gated low-rank update panel_gemm adds to its panels: per output panel a [rank, 16] block
-// of B^T and where its inputs start among the gated x A^T columns (-1: the panel has none).
-struct PanelLora {
-  const float* xa;  // [rows, ld_xa]
+// The gated low-rank update panel_gemm adds to its panels (ops.LoraPanels): per output panel a
+// [width, 16] block of B^T and where its inputs start among the gated x A^T columns (-1: the
+// panel has none).
+struct LoraPanels {
+  const float* xa;  // [rows, ld_xa], column 0 = A's first row
   int64_t ld_xa;
-  const c10::Half* b;  // [panels, rank, 16]
+  const c10::Half* blocks;  // [panels, width, 16]
   const int64_t* offsets;  // [panels]
-  int64_t rank;
+  int64_t width;
 };
 
 // The packed panels [first, end) of x W^T (+ `lora`): panel p's columns land at column
@@ -624,7 +625,7 @@ struct PanelLora {
 template <typename W>
 void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, const float* scales,
                 int64_t k_dim, int64_t first, int64_t end, float* y, int64_t ldy, int64_t width,
-                const PanelLora* lora) {
+                const LoraPanels* lora) {
   const int64_t groups = (rows + kTileRows - 1) / kTileRows;
   const int64_t group_rows = groups ? (rows + groups - 1) / groups : 0;
   at::parallel_for(first, end, 1, [&](int64_t begin, int64_t stop) {
@@ -635,7 +636,7 @@ void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, cons
         avx2::PanelUpdate update;
         if (offset >= 0) {
           update = {lora->xa + r * lora->ld_xa + offset, lora->ld_xa,
-                    lora->b + panel * lora->rank * kPanel, lora->rank};
+                    lora->blocks + panel * lora->width * kPanel, lora->width};
         }
         kPanelGemmTiles<W>[std::min(group_rows, rows - r) - 1](
             x + r * ldx, ldx, packed + panel * k_dim * kPanel,
@@ -652,8 +653,9 @@ void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, cons
 // their own: half (fp16) or a quarter (int8) of fp32's bytes, with float32 activations.
 // With `lora_b`, the packed rows after W's first N are a LoRA group's stacked A (zeros to the
 // panel's end) and y also gets the gated update: y += ((x A^T) * gate) B^T, B^T as per-panel
-// blocks lora_b [ceil(N / 16), rank, 16] (fp16) over the x A^T columns from lora_offsets[p]
-// (-1: none). x A^T is computed first; the update then runs in the GEMM's epilogue.
+// blocks lora_b [ceil(N / 16), width, 16] (fp16) over the x A^T columns from lora_offsets[p]
+// (counted from A's first row; -1: none). x A^T is computed first; the update then runs in the
+// GEMM's epilogue.
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& scales, int64_t out_features,
                         const std::optional<at::Tensor>& gate,
@@ -689,7 +691,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                 gate->numel() == rows, "gate must be contiguous float32 [rows]");
     TORCH_CHECK(lora_b->dim() == 3 && lora_b->size(0) == out_panels && lora_b->size(2) == kPanel &&
                 lora_b->scalar_type() == at::kHalf && lora_b->is_contiguous(),
-                "lora_b must be contiguous fp16 [ceil(out_features / 16), rank, 16]");
+                "lora_b must be contiguous fp16 [ceil(out_features / 16), width, 16]");
     TORCH_CHECK(lora_offsets->scalar_type() == at::kLong && lora_offsets->is_contiguous() &&
                 lora_offsets->numel() == out_panels, "lora_offsets must be int64 [panels]");
     const int64_t* offsets = lora_offsets->data_ptr<int64_t>();
@@ -700,6 +702,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
     }
   }
   at::Tensor y = at::empty({rows, out_features}, x.options());
+  if (rows == 0) return y;
   const auto run = [&](const auto* weights) {
     const float* column_scales = int8 ? scales->data_ptr<float>() : nullptr;
     if (!lora) {
@@ -715,8 +718,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
     for (int64_t m = 0; m < rows; ++m) {
       for (int64_t c = 0; c < xa_width; ++c) xa_data[m * xa_width + c] *= g[m];
     }
-    const PanelLora update{xa_data + xa_offset, xa_width, lora_b->data_ptr<c10::Half>(),
-                           lora_offsets->data_ptr<int64_t>(), lora_b->size(1)};
+    const LoraPanels update{xa_data + xa_offset, xa_width, lora_b->data_ptr<c10::Half>(),
+                            lora_offsets->data_ptr<int64_t>(), lora_b->size(1)};
     panel_gemm(x.data_ptr<float>(), rows, x.stride(0), weights, column_scales, x.size(1), 0,
                out_panels, y.data_ptr<float>(), out_features, out_features, &update);
   };
@@ -762,7 +765,7 @@ struct DraftAttention {
   }
 
   // scores[r][0..run) = queries[r] . keys of a run of consecutive slots of one block, 8 rows
-  // at a time.
+  // at a time, then the rest together.
   template <typename Simd>
   void score_run(const float* queries, int64_t num_rows, const T* keys, int64_t run,
                  float* scores, int64_t score_stride) const {
@@ -771,9 +774,22 @@ struct DraftAttention {
       Simd::template score_rows<8>(queries + r * head_dim, keys, run, head_dim, block_size,
                                    scores + r * score_stride, score_stride);
     }
-    for (; r < num_rows; ++r) {
-      Simd::template score_rows<1>(queries + r * head_dim, keys, run, head_dim, block_size,
-                                   scores + r * score_stride, score_stride);
+    score_rest<Simd>(queries + r * head_dim, num_rows - r, keys, run, scores + r * score_stride,
+                     score_stride);
+  }
+
+  // score_run's last num_rows < 8 rows in one pass over the keys, R accumulators at once: row by
+  // row, each FMA would wait on the one before it (a task of 5 drafter rows has 7 such rows).
+  template <typename Simd, int R = 7>
+  void score_rest(const float* queries, int64_t num_rows, const T* keys, int64_t run,
+                  float* scores, int64_t score_stride) const {
+    if constexpr (R > 0) {
+      if (num_rows == R) {
+        Simd::template score_rows<R>(queries, keys, run, head_dim, block_size, scores,
+                                     score_stride);
+      } else {
+        score_rest<Simd, R - 1>(queries, num_rows, keys, run, scores, score_stride);
+      }
     }
   }
 

@@ -411,17 +411,16 @@ class GatedLoraDrafter(nn.Module):
         [N] is the first draft. Without a dependency head each row's argmax; with one, row by
         row, the row's top candidates re-ranked knowing the draft before it (a few small ops
         per row: the candidates' logits are already there)."""
-        rows = logits
         head = self.served_head
         if head is None and self.dependency_head is not None:
             head = self.dependency_head.maps()
-        if head is None or rows.shape[1] == 0:
-            return rows.argmax(dim=-1)
-        scores, candidates = rows.topk(self.config.dependency_candidates, dim=-1)
+        if head is None or logits.shape[1] == 0:
+            return logits.argmax(dim=-1)
+        scores, candidates = logits.topk(self.config.dependency_candidates, dim=-1)
         candidate_embeds = self.target.embed_tokens(candidates).to(hidden.dtype)  # [N, k-1, C, h]
         hidden_part = head.fc_hidden(hidden)
         drafts, previous = [], first
-        for row in range(rows.shape[1]):
+        for row in range(logits.shape[1]):
             previous_embeds = self.target.embed_tokens(previous).to(hidden.dtype)
             direction = head.direction(hidden_part[:, row], previous_embeds)
             corrected = scores[:, row] + (candidate_embeds[:, row] @ direction[:, :, None])[..., 0]
@@ -433,11 +432,12 @@ class GatedLoraDrafter(nn.Module):
         self, hidden: torch.Tensor, logits: torch.Tensor, previous: torch.Tensor
     ) -> torch.Tensor:
         """Training: logits of auxiliary rows 2..k over the whole vocabulary with the dependency
-        head's correction, given the true previous tokens [N, k - 1]: [N, k - 1, vocab]."""
+        head's correction, given the true previous tokens [N, k - 1]: [N, k - 1, vocab]. hidden
+        and logits are those of rows 2..k, as for `later_drafts`."""
         head = self.dependency_head.maps()
         embeddings = self.target.embed_tokens.weight
-        direction = head.direction(head.fc_hidden(hidden[:, 2:]), embeddings[previous])
-        return logits[:, 2:] + direction @ embeddings.T
+        direction = head.direction(head.fc_hidden(hidden), embeddings[previous])
+        return logits + direction @ embeddings.T
 
     def _projections(self, index: int, adapters: nn.ModuleDict) -> dict[str, GatedProjection]:
         """Layer `index`'s projection groups, each with its adapters."""

@@ -132,8 +132,8 @@ class PanelLinear:
         """This map plus a gated low-rank update, A's rows packed after W's. W is read back from
         the packed copy (exactly; int8 rows re-quantize to the same values, as in Int8Linear)."""
         weight = _recover_weight(self, self.in_features, torch.float32)
-        stacked = PanelLinear(torch.cat((weight, lora_A.float())), self.packed.dtype)
-        return PanelLoraLinear(stacked, self.out_features, lora_Bs)
+        packed, scales = ops.pack_panels(torch.cat((weight, lora_A.float())), self.packed.dtype)
+        return PanelLoraLinear(packed, scales, self.out_features, lora_Bs)
 
 
 class PanelLoraLinear:
@@ -143,14 +143,21 @@ class PanelLoraLinear:
     (`LoraFusedLinear`). On a Zen 3 EPYC at batch 1 (5 rows a pass), that second op took
     8.4 ms of a drafter pass whose GEMMs took 20 ms; fused, the GEMMs take 21 ms."""
 
-    def __init__(self, stacked: PanelLinear, out_features: int, lora_Bs: list[torch.Tensor]):
-        self.stacked, self.out_features = stacked, out_features
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor | None,
+        out_features: int,
+        lora_Bs: list[torch.Tensor],
+    ):
+        if sum(len(lora_B) for lora_B in lora_Bs) != out_features:
+            raise ValueError(f"the B's cover {sum(map(len, lora_Bs))} output columns, the "
+                             f"projection {out_features}")
+        self.packed, self.scales, self.out_features = packed, scales, out_features
         self.lora = ops.LoraPanels.pack(lora_Bs)
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        stacked = self.stacked
-        out = ops.panel_linear(x, stacked.packed, stacked.scales, self.out_features, gate,
-                               self.lora)
+        out = ops.panel_linear(x, self.packed, self.scales, self.out_features, gate, self.lora)
         return out.to(x.dtype)
 
 

@@ -137,7 +137,9 @@ def draft_loss(
     loss = F.cross_entropy(rows.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
     if drafter.dependency_head is not None:
         # A previous token past the sequence end has an ignored label after it.
-        dependent = drafter.dependent_logits(hidden, logits, labels[:, :-1].clamp(min=0))
+        dependent = drafter.dependent_logits(
+            hidden[:, 2:], logits[:, 2:], labels[:, :-1].clamp(min=0)
+        )
         loss = loss + F.cross_entropy(
             dependent.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE
         )
@@ -149,8 +151,8 @@ def served_drafts(
     batch: WindowBatch,
 ) -> torch.Tensor:
     """The k drafts per window as vLLM's proposer makes them (`PTPProposer._draft_tokens`):
-    the first is F^-1(u) under the newest token's row, the others `later_drafts` of the
-    auxiliary rows. hidden, logits: from `drafter_pass`."""
+    the first is F^-1(u) under the newest token's row, the others `later_drafts` of auxiliary
+    rows 2..k. hidden, logits: from `drafter_pass`."""
     u = batch.u[:, 0].clamp(min=0.0)  # greedy rows (GREEDY_U) take the argmax anyway
     first = sample(logits[:, 0].float(), _transform_rows(seq, u))
     later = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
