@@ -161,7 +161,7 @@ def drafter_pass_cases():
         gate[:, 0] = 0
         gate = gate.view(-1, 1)
         yield ("panel_linear + LoRA", "gate_up, int8, rank 32", len(x), None,
-               lambda x=x, g=gate: x @ weight.T + ((x @ lora_A.T) * g) @ lora_B.T,
+               lambda x=x, g=gate, w=weight: x @ w.T + ((x @ lora_A.T) * g) @ lora_B.T,
                lambda x=x, g=gate: ops.panel_linear(x, packed, scales, 2 * INTERMEDIATE, g, lora),
                packed.numel() + lora.blocks.numel() * 2 + x.numel() * 4
                + len(x) * 2 * INTERMEDIATE * 4)

@@ -307,6 +307,18 @@ def pack_panels(
     return packed.view(-1, PANEL, in_features).transpose(1, 2).contiguous(), scales
 
 
+def adapter_blocks(lora_Bs: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """(first output column, first low-rank column, B) of each adapter of a projection group,
+    from its B's in output order, [out_i, rank_i] (rank 0: no adapter), whose low-rank inputs
+    are consecutive columns of x A^T."""
+    blocks, column, rank = [], 0, 0
+    for lora_B in lora_Bs:
+        if lora_B.shape[1]:
+            blocks.append((column, rank, lora_B))
+        column, rank = column + lora_B.shape[0], rank + lora_B.shape[1]
+    return blocks
+
+
 @dataclass(frozen=True)
 class LoraPanels:
     """A LoRA group's B's as `panel_linear`'s epilogue reads them: per panel of 16 output
@@ -318,20 +330,14 @@ class LoraPanels:
 
     @classmethod
     def pack(cls, lora_Bs: list[torch.Tensor]) -> "LoraPanels":
-        """lora_Bs: one B per projection of the group in output order, [out_i, rank_i] (rank 0:
-        no adapter), over consecutive low-rank columns. Each panel's block spans the low-rank
-        columns of the projections its columns belong to."""
-        spans = []  # (first output column, end, first low-rank column, end) per adapter
-        column = rank = 0
-        for lora_B in lora_Bs:
-            out_i, rank_i = lora_B.shape
-            if rank_i:
-                spans.append((column, column + out_i, rank, rank + rank_i))
-            column, rank = column + out_i, rank + rank_i
+        """lora_Bs: as for `adapter_blocks`. Each panel's block spans the low-rank columns of the
+        projections its columns belong to."""
+        column, rank = sum(len(b) for b in lora_Bs), sum(b.shape[1] for b in lora_Bs)
         panels = -(-column // PANEL)
         starts, ends = [rank] * panels, [0] * panels
-        for first, end, low, high in spans:
-            for panel in range(first // PANEL, -(-end // PANEL)):
+        for first, low, lora_B in adapter_blocks(lora_Bs):
+            high = low + lora_B.shape[1]
+            for panel in range(first // PANEL, -(-(first + len(lora_B)) // PANEL)):
                 starts[panel], ends[panel] = min(starts[panel], low), max(ends[panel], high)
         # One width for all (a panel straddling two adapted projections spans both ranks; at
         # Llama's sizes, multiples of 16, none does).
@@ -366,13 +372,10 @@ def panel_linear(
     if not simd_kernels(x.device):
         return reference_panel_linear(x, packed, scales, out_features, gate, lora)
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if lora is None:
-        y = torch.ops.vllm_ptp.panel_linear(rows, packed, scales, out_features)
-    else:
-        y = torch.ops.vllm_ptp.panel_linear(
-            rows, packed, scales, out_features, gate.reshape(-1).float().contiguous(),
-            lora.blocks, lora.offsets,
-        )
+    update = () if lora is None else (
+        gate.reshape(-1).float().contiguous(), lora.blocks, lora.offsets
+    )
+    y = torch.ops.vllm_ptp.panel_linear(rows, packed, scales, out_features, *update)
     return y.view(*x.shape[:-1], out_features)
 
 

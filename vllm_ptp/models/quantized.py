@@ -150,9 +150,10 @@ class PanelLoraLinear:
         out_features: int,
         lora_Bs: list[torch.Tensor],
     ):
-        if sum(len(lora_B) for lora_B in lora_Bs) != out_features:
-            raise ValueError(f"the B's cover {sum(map(len, lora_Bs))} output columns, the "
-                             f"projection {out_features}")
+        covered = sum(len(lora_B) for lora_B in lora_Bs)
+        if covered != out_features:
+            raise ValueError(f"the B's cover {covered} output columns, the projection "
+                             f"{out_features}")
         self.packed, self.scales, self.out_features = packed, scales, out_features
         self.lora = ops.LoraPanels.pack(lora_Bs)
 
@@ -172,17 +173,10 @@ class LoraFusedLinear:
     def __init__(self, stacked: CompactLinear, lora_Bs: list[torch.Tensor]):
         self.stacked = stacked
         self.out_features = sum(len(b) for b in lora_Bs)
-        self.lora_Bs_t: list[torch.Tensor] = []
-        self.columns: list[int] = []  # first output column of each B
-        self.ranks: list[int] = []  # first low-rank column of each B
-        column = rank = 0
-        for lora_B in lora_Bs:
-            out_features, lora_rank = lora_B.shape
-            if lora_rank:
-                self.lora_Bs_t.append(lora_B.T.float().contiguous())
-                self.columns.append(column)
-                self.ranks.append(rank)
-            column, rank = column + out_features, rank + lora_rank
+        blocks = ops.adapter_blocks(lora_Bs)
+        self.lora_Bs_t = [lora_B.T.float().contiguous() for _, _, lora_B in blocks]
+        self.columns = [column for column, _, _ in blocks]  # first output column of each B
+        self.ranks = [rank for _, rank, _ in blocks]  # first low-rank column of each B
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         out = ops.gated_lora_expand(
