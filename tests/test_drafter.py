@@ -20,8 +20,11 @@ from vllm_ptp.models.gated_lora_llama import (
 )
 from vllm_ptp.models.quantized import (
     COMPACT_FORMATS,
+    Bf16Linear,
     LoraFusedLinear,
+    PanelLinear,
     PanelLoraLinear,
+    RowSplitLinear,
     _recover_weight,
     compact_linear,
     compact_view,
@@ -174,7 +177,8 @@ def compact_formats() -> list:
     """The compact draft-weight formats this CPU can run (bf16 needs bf16 GEMMs, fp16 and w8a32
     AVX2)."""
     simd = ops.simd_kernels()
-    runs = {"bf16": has_bf16_gemms(), "fp16": simd, "w8a32": simd, "int8": True}
+    runs = {"bf16": has_bf16_gemms(), "fp16": simd, "w8a32": simd,
+            "w8a32-bf16": has_bf16_gemms() and simd, "int8": True}
     return [pytest.param(f, marks=pytest.mark.skipif(not runs[f], reason=f"no {f} GEMM here"))
             for f in COMPACT_FORMATS]
 
@@ -214,6 +218,23 @@ def test_compact_weights_reject_unknown_formats():
         compact_linear("fp8")
 
 
+@pytest.mark.skipif(not (has_bf16_gemms() and ops.simd_kernels()), reason="no bf16 GEMM here")
+def test_row_split_weights_run_w8a32_at_few_rows_and_bf16_at_many():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 32) * 0.1
+    split = compact_linear("w8a32-bf16")(weight)
+    fused = split.fused_with(torch.randn(8, 32) * 0.1, [torch.randn(40, 8) * 0.1])
+    assert isinstance(split.few, PanelLinear) and isinstance(split.many, Bf16Linear)
+    most = RowSplitLinear.MAX_FEW_ROWS
+    for rows in (1, most, most + 1, 64):
+        x, gate = torch.randn(rows, 32), torch.ones(rows, 1)
+        chosen, other = (split.few, split.many) if rows <= most else (split.many, split.few)
+        assert torch.equal(split(x), chosen(x))
+        assert not torch.equal(split(x), other(x))  # the copies round differently
+        chosen_fused = fused.few if rows <= most else fused.many
+        assert torch.equal(fused(x, gate), chosen_fused(x, gate))
+
+
 @pytest.mark.parametrize("weight_format", compact_formats())
 def test_adapters_fused_into_the_compact_gemm_match_the_separate_update(
     drafter, hf_target, weight_format
@@ -233,8 +254,12 @@ def test_adapters_fused_into_the_compact_gemm_match_the_separate_update(
         base = getattr(view.layers[0], field)
         adapter = GroupAdapter.of(adapters, drafter.lora_shapes, names)
         fused = adapted_projection(base, adapter, drafter.scaling)
-        panel_format = weight_format in ("fp16", "w8a32")
-        assert isinstance(fused, PanelLoraLinear if panel_format else LoraFusedLinear)
+        if weight_format == "w8a32-bf16":
+            assert isinstance(fused.few, PanelLoraLinear)
+            assert isinstance(fused.many, LoraFusedLinear)
+        else:
+            panel_format = weight_format in ("fp16", "w8a32")
+            assert isinstance(fused, PanelLoraLinear if panel_format else LoraFusedLinear)
         x = torch.randn(len(gate), adapter.lora_A.shape[1])
         with torch.no_grad():
             out, plain = fused(x, gate), base(x)

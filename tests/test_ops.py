@@ -24,6 +24,12 @@ def isa(request):
     yield from use_cpu_isa(request.param)
 
 
+@pytest.fixture(params=[isa for isa in ISAS if isa != "scalar"])
+def simd_isa(request):
+    """The ISAs of the kernels that have no scalar version."""
+    yield from use_cpu_isa(request.param)
+
+
 def compiled_sample(logits, rows):
     return kernels.sample(logits, rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.u)
 
@@ -332,12 +338,12 @@ needs_simd = pytest.mark.skipif(not ops.compiled() or not ops.simd_kernels(),
                                 reason="the kernel needs AVX2")
 
 
-@needs_simd
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 9, 71])
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 9, 10, 18, 71])
 @pytest.mark.parametrize("out_features, in_features", [(1, 8), (17, 576), (100, 37)])
-def test_panel_linear_matches_reference(dtype, rows, out_features, in_features):
-    """Panels cut short (out_features not a multiple of 16), row groups of 1 to 6."""
+def test_panel_linear_matches_reference(simd_isa, dtype, rows, out_features, in_features):
+    """Panels cut short (out_features not a multiple of 16), row groups of 1 to 6 (AVX2) or 9
+    (AVX-512), odd and even k."""
     torch.manual_seed(rows + out_features)
     weight = torch.randn(out_features, in_features)
     packed, scales = ops.pack_panels(weight, dtype)
@@ -409,11 +415,10 @@ def test_lora_panels_reference_is_the_gated_low_rank_update(group, dtype):
     assert lora.offsets[: widths[0] // 16].eq(-1).all() == (ranks[0] == 0)
 
 
-@needs_simd
 @pytest.mark.parametrize("group", LORA_GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8])
-@pytest.mark.parametrize("rows", [0, 1, 5, 9, 71])
-def test_panel_linear_lora_epilogue_matches_reference(group, dtype, rows):
+@pytest.mark.parametrize("rows", [0, 1, 5, 9, 18, 71])
+def test_panel_linear_lora_epilogue_matches_reference(simd_isa, group, dtype, rows):
     torch.manual_seed(rows)
     widths, ranks = LORA_GROUPS[group]
     out_features = sum(widths)

@@ -69,6 +69,11 @@ def supported_cpu_isas() -> list[str]:
     return [isa for isa in CPU_ISAS if torch.ops.vllm_ptp.cpu_isa_supported(isa)]
 
 
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels run (None: not compiled)."""
+    return torch.ops.vllm_ptp.cpu_isa() if compiled() else None
+
+
 def simd_kernels(device: torch.device | str = "cpu") -> bool:
     """Whether compiled ops with a SIMD ISA (AVX2 or AVX-512) serve this device's tensors: the
     drafter-pass kernels `paged_draft_attention` and `panel_linear` have no scalar version."""
@@ -366,7 +371,7 @@ def panel_linear(
     """x W^T in float32 for weights packed by `pack_panels`, x [..., in_features]. With `lora`,
     the packed rows after W's out_features are a group's stacked A, and the result adds
     ((x A^T) * gate) B^T in the GEMM's epilogue; gate [...] or [..., 1], zero where the adapters
-    are off. The kernel needs AVX2; without it, torch over the unpacked weights."""
+    are off. The kernel needs AVX2 or AVX-512; without, torch over the unpacked weights."""
     if (gate is None) != (lora is None):
         raise ValueError("panel_linear takes a gate exactly when it takes a LoRA group")
     if not simd_kernels(x.device):

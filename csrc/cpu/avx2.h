@@ -172,15 +172,6 @@ PTP_AVX2 void to_float(const T* x, float* y, int64_t n) {
   }
 }
 
-// A gated low-rank update for panel_gemm_tile to add to its panel: y[i] += xa[i][0..width) . b,
-// b the panel's [width, 16] block of B^T and xa[i] row i's gated (x A^T) inputs, ld_xa apart.
-struct PanelUpdate {
-  const float* xa = nullptr;
-  int64_t ld_xa = 0;
-  const c10::Half* b = nullptr;
-  int64_t width = 0;  // 0: no update
-};
-
 // y[i][0..columns) = x[i] . W^T (+ `update`) for R <= 6 rows of x ([k_dim] each, ldx apart) and
 // one panel of 16 output columns of fp16 or int8 weights ([k_dim, 16], k-major; int8 columns
 // times their `scales`, none for fp16): 2R accumulators in registers over all of k (enough
@@ -196,6 +187,7 @@ PTP_AVX2 void panel_gemm_tile(const float* x, int64_t ldx, const W* panel, const
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) low[i] = high[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < k_dim; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + k * 16) + kPrefetchBytes, _MM_HINT_T0);
     const __m256 w_low = load8(panel + k * 16), w_high = load8(panel + k * 16 + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {

@@ -126,6 +126,63 @@ PTP_AVX512 void to_float(const T* x, float* y, int64_t n) {
   }
 }
 
+// A whole panel row of 16 weights as float32 (panels are padded: no mask).
+PTP_AVX512 inline __m512 panel_row(const c10::Half* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+PTP_AVX512 inline __m512 panel_row(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
+// avx2::panel_gemm_tile with a panel's 16 columns in one vector per row. R rows give only R FMA
+// chains, so even and odd k (and ranks of the update) accumulate apart: 2R chains hide the FMA
+// latency, as the AVX2 tile's low and high halves do.
+template <int R, typename W>
+PTP_AVX512 void panel_gemm_tile(const float* x, int64_t ldx, const W* panel, const float* scales,
+                                int64_t k_dim, const PanelUpdate& update, float* y, int64_t ldy,
+                                int64_t columns) {
+  __m512 even[R], odd[R];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) even[i] = odd[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 1 < k_dim; k += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + k * 16) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512 w_even = panel_row(panel + k * 16), w_odd = panel_row(panel + k * 16 + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      even[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w_even, even[i]);
+      odd[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k + 1]), w_odd, odd[i]);
+    }
+  }
+  if (k < k_dim) {
+    const __m512 w_last = panel_row(panel + k * 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      even[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w_last, even[i]);
+    }
+  }
+  if (scales != nullptr) {
+    const __m512 scale = _mm512_loadu_ps(scales);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      even[i] = _mm512_mul_ps(even[i], scale);
+      odd[i] = _mm512_mul_ps(odd[i], scale);
+    }
+  }
+  for (int64_t r = 0; r < update.width; ++r) {
+    const __m512 b = panel_row(update.b + r * 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      __m512& acc = r % 2 ? odd[i] : even[i];
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(update.xa[i * update.ld_xa + r]), b, acc);
+    }
+  }
+  const __mmask16 m = lanes(columns);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y + i * ldy, m, _mm512_add_ps(even[i], odd[i]));
+}
+
 // The drafter attention's primitives (DraftAttention in ops.cpp).
 template <typename T>
 struct Attention {

@@ -19,6 +19,7 @@ using ptp::RowParams;
 using ptp::SamplingParams;
 using ptp::dispatch_float;
 using ptp::cpu::kBlock;
+using ptp::cpu::PanelUpdate;
 namespace avx2 = ptp::cpu::avx2;
 namespace avx512 = ptp::cpu::avx512;
 
@@ -597,15 +598,38 @@ at::Tensor gated_lora_expand(const at::Tensor& stacked, const at::Tensor& gate,
 
 // ---- compact weights GEMM (fp16 or int8 weights, float32 activations) ---------------------------
 
-constexpr int64_t kPanel = 16;  // output columns per packed panel (two AVX2 vectors)
-constexpr int64_t kTileRows = 6;  // rows per tile
+constexpr int64_t kPanel = 16;  // output columns per packed panel (one AVX-512 vector)
 template <typename W>
 using PanelGemmTile = void (*)(const float*, int64_t, const W*, const float*, int64_t,
-                               const avx2::PanelUpdate&, float*, int64_t, int64_t);
-template <typename W>  // indexed by rows - 1
-constexpr PanelGemmTile<W> kPanelGemmTiles[kTileRows] = {
-    avx2::panel_gemm_tile<1, W>, avx2::panel_gemm_tile<2, W>, avx2::panel_gemm_tile<3, W>,
-    avx2::panel_gemm_tile<4, W>, avx2::panel_gemm_tile<5, W>, avx2::panel_gemm_tile<6, W>};
+                               const PanelUpdate&, float*, int64_t, int64_t);
+
+// An ISA's panel_gemm_tile for 1 to max_rows rows (tiles[rows - 1]): as many as its vector
+// registers hold 2 accumulators per row for: 16 ymm, 6 rows; 32 zmm, 9 rows (one thread,
+// gate_up's shape, int8: 160 GFLOP/s at 9 rows; GCC spills the accumulators of 10 rows or more,
+// 73 GFLOP/s).
+template <typename W>
+struct PanelGemmTiles {
+  const PanelGemmTile<W>* tiles;
+  int64_t max_rows;
+
+  template <int... R>
+  static constexpr std::array<PanelGemmTile<W>, sizeof...(R)> avx2(
+      std::integer_sequence<int, R...>) {
+    return {avx2::panel_gemm_tile<R + 1, W>...};
+  }
+  template <int... R>
+  static constexpr std::array<PanelGemmTile<W>, sizeof...(R)> avx512(
+      std::integer_sequence<int, R...>) {
+    return {avx512::panel_gemm_tile<R + 1, W>...};
+  }
+
+  static PanelGemmTiles get() {
+    static constexpr auto kAvx2 = avx2(std::make_integer_sequence<int, 6>());
+    static constexpr auto kAvx512 = avx512(std::make_integer_sequence<int, 9>());
+    if (active_isa() == Isa::kAvx512) return {kAvx512.data(), kAvx512.size()};
+    return {kAvx2.data(), kAvx2.size()};
+  }
+};
 
 // The gated low-rank update panel_gemm adds to its panels (ops.LoraPanels): per output panel a
 // [width, 16] block of B^T and where its inputs start among the gated x A^T columns (-1: the
@@ -620,25 +644,26 @@ struct LoraPanels {
 
 // The packed panels [first, end) of x W^T (+ `lora`): panel p's columns land at column
 // (p - first) * 16 of y, cut at `width`. One task per panel, over the rows in groups of at most
-// 6, as even as can be (9 rows: 5 + 4, not 6 + 3, whose 3 would leave the FMA units waiting on
-// latency).
+// the ISA's tile rows, as even as can be (AVX2, 9 rows: 5 + 4, not 6 + 3, whose 3 would leave
+// the FMA units waiting on latency).
 template <typename W>
 void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, const float* scales,
                 int64_t k_dim, int64_t first, int64_t end, float* y, int64_t ldy, int64_t width,
                 const LoraPanels* lora) {
-  const int64_t groups = (rows + kTileRows - 1) / kTileRows;
+  const PanelGemmTiles<W> tiles = PanelGemmTiles<W>::get();
+  const int64_t groups = (rows + tiles.max_rows - 1) / tiles.max_rows;
   const int64_t group_rows = groups ? (rows + groups - 1) / groups : 0;
   at::parallel_for(first, end, 1, [&](int64_t begin, int64_t stop) {
     for (int64_t panel = begin; panel < stop; ++panel) {
       const int64_t column = (panel - first) * kPanel;
       const int64_t offset = lora ? lora->offsets[panel] : -1;
       for (int64_t r = 0; r < rows; r += group_rows) {
-        avx2::PanelUpdate update;
+        PanelUpdate update;
         if (offset >= 0) {
           update = {lora->xa + r * lora->ld_xa + offset, lora->ld_xa,
                     lora->blocks + panel * lora->width * kPanel, lora->width};
         }
-        kPanelGemmTiles<W>[std::min(group_rows, rows - r) - 1](
+        tiles.tiles[std::min(group_rows, rows - r) - 1](
             x + r * ldx, ldx, packed + panel * k_dim * kPanel,
             scales ? scales + panel * kPanel : nullptr, k_dim, update, y + r * ldy + column, ldy,
             std::min(kPanel, width - column));
@@ -650,7 +675,8 @@ void panel_gemm(const float* x, int64_t rows, int64_t ldx, const W* packed, cons
 // y = x W^T in float32 for float32 x [M, K] and W [N, K] packed in panels of 16 output columns,
 // k-major ([ceil(N / 16), K, 16], zeros past N): fp16, or int8 with per-column `scales`
 // [ceil(N / 16) * 16]. The drafter's compact GEMM on CPUs with AVX2 but no 16-bit GEMMs of
-// their own: half (fp16) or a quarter (int8) of fp32's bytes, with float32 activations.
+// their own, and at a few rows on AVX-512 CPUs, where a pass is bound by its weights' bytes:
+// half (fp16) or a quarter (int8) of fp32's, with float32 activations.
 // With `lora_b`, the packed rows after W's first N are a LoRA group's stacked A (zeros to the
 // panel's end) and y also gets the gated update: y += ((x A^T) * gate) B^T, B^T as per-panel
 // blocks lora_b [ceil(N / 16), width, 16] (fp16) over the x A^T columns from lora_offsets[p]
@@ -661,7 +687,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& gate,
                         const std::optional<at::Tensor>& lora_b,
                         const std::optional<at::Tensor>& lora_offsets) {
-  TORCH_CHECK(active_isa() != Isa::kScalar, "panel_linear needs AVX2");
+  TORCH_CHECK(active_isa() != Isa::kScalar, "panel_linear needs AVX2 or AVX-512");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
               x.device().is_cpu(), "x must be a float32 CPU [rows, in_features] tensor, rows "
               "contiguous");
