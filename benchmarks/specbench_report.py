@@ -49,6 +49,43 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+MIN_PAIRED_RUNS = 5  # fewer question runs give no bootstrap interval worth printing
+BOOTSTRAP_SAMPLES = 2000
+
+
+def _tau(tokens, accepted):
+    return tokens / (tokens - accepted)
+
+
+def paired_tau_gap(runs: list[dict], other: list[dict]) -> dict[str, Any] | None:
+    """τ of `runs` minus τ of `other` over the question runs both have, with a 95% bootstrap
+    interval: questions resampled with replacement, each pair kept together. Greedy τ of one
+    question is deterministic, so the interval is how much the gap depends on which questions
+    were asked. None with fewer than MIN_PAIRED_RUNS pairs."""
+    import numpy as np
+
+    theirs = {tuple(r["question_ids"]): r for r in other}
+    pairs = [(r, theirs[key]) for r in runs if (key := tuple(r["question_ids"])) in theirs]
+    if len(pairs) < MIN_PAIRED_RUNS:
+        return None
+    counts = np.array([[[r["tokens"], r["num_accepted_tokens"]] for r in pair] for pair in pairs],
+                      dtype=float)  # [pairs, 2 speculators, (tokens, accepted)]
+    picks = np.random.default_rng(0).integers(len(pairs), size=(BOOTSTRAP_SAMPLES, len(pairs)))
+    sums = counts[picks].sum(axis=1)  # [samples, 2, 2]
+    gaps = _tau(sums[:, 0, 0], sums[:, 0, 1]) - _tau(sums[:, 1, 0], sums[:, 1, 1])
+    total = counts.sum(axis=0)
+    low, high = np.percentile(gaps, [2.5, 97.5])
+    return {"gap": float(_tau(*total[0]) - _tau(*total[1])), "low": float(low),
+            "high": float(high), "pairs": len(pairs)}
+
+
+def ablation_of(spec: str, names: list[str]) -> str | None:
+    """The u-ignoring ablation run beside PTP speculator `spec` (same k and options)."""
+    kind, _, rest = spec.partition("-")
+    ablation = f"independent-{rest}"
+    return ablation if kind == "ptp" and ablation in names else None
+
+
 def summarize(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """{mode: {speculator: measures + speed-up + per_category}}; speed-ups are against the
     first speculator (no speculation) of the same mode and category."""
@@ -67,6 +104,19 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 by_category[run["category"]].append(run)
             result["per_category"] = {c: _measures(_totals(rs)) for c, rs in by_category.items()}
             summary[mode][spec] = result
+        names = list(summary[mode])
+        for spec in names:
+            if ablation := ablation_of(spec, names):
+                theirs = groups[(mode, ablation)]
+                summary[mode][spec]["tau_gap_to_ablation"] = {
+                    "ablation": ablation,
+                    "all": paired_tau_gap(groups[(mode, spec)], theirs),
+                    "per_category": {
+                        c: paired_tau_gap([r for r in groups[(mode, spec)] if r["category"] == c],
+                                          [r for r in theirs if r["category"] == c])
+                        for c in summary[mode][spec]["per_category"]
+                    },
+                }
         base = summary[mode][reference]
         for result in summary[mode].values():
             result["speedup"] = result["tokens_per_second"] / base["tokens_per_second"]
@@ -121,6 +171,30 @@ def _own_environment_note(settings: dict[str, Any]) -> str:
     return f". Engines started with their own environment: {'; '.join(own)}" if own else ""
 
 
+def _gap_cell(gap: dict[str, Any] | None) -> str:
+    if gap is None:
+        return "–"
+    verdict = "higher" if gap["low"] > 0 else "lower" if gap["high"] < 0 else "level"
+    return f"{gap['gap']:+.2f} [{gap['low']:+.2f}, {gap['high']:+.2f}] {verdict}"
+
+
+def _ablation_lines(mode: str, results: dict[str, dict[str, Any]]) -> list[str]:
+    """PTP's τ minus the ablation's, per category, with its 95% interval over questions."""
+    lines = []
+    for spec, r in results.items():
+        if not (gaps := r.get("tau_gap_to_ablation")):
+            continue
+        categories = list(gaps["per_category"])
+        lines += ["", f"{mode}: τ of {spec} minus τ of {gaps['ablation']}, 95% bootstrap "
+                  "interval over the questions (higher / lower: the interval excludes 0; –: "
+                  f"fewer than {MIN_PAIRED_RUNS} question runs)", "",
+                  "| all | " + " | ".join(categories) + " |",
+                  "| --- |" + " --- |" * len(categories),
+                  "| " + " | ".join(_gap_cell(g) for g in
+                                    [gaps["all"], *gaps["per_category"].values()]) + " |"]
+    return lines
+
+
 def markdown(raw: dict[str, Any], summary: dict) -> str:
     s = raw["settings"]
     m = raw["machine"]
@@ -168,6 +242,7 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
             cells = [f"{r['per_category'][c]['tau']:.2f} / {r['per_category'][c]['speedup']:.2f}×"
                      for c in categories]
             lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+        lines += _ablation_lines(mode, results)
         lines += ["", f"{mode}: acceptance by draft position", ""]
         for spec, r in results.items():
             if r["acceptance_by_position"]:

@@ -41,8 +41,9 @@ DRAFT_WEIGHTS_CHOICES = (*COMPACT_FORMATS, "target")
 
 def draft_weights_setting(device: torch.device) -> str:
     """`VLLM_PTP_DRAFT_WEIGHTS`: which copy of the target's weights the drafter reads. On CPU
-    the default is a compact copy (models/quantized.py): `bf16` where the CPU has bf16 GEMMs,
-    else `w8a32` where it has AVX2, else `int8`; `target` reads the served weights themselves
+    the default is a compact copy (models/quantized.py): `w8a32-bf16` where the CPU has bf16
+    GEMMs and AVX-512, `bf16` where it has bf16 GEMMs only, else `w8a32` where it has AVX2,
+    else `int8`; `target` reads the served weights themselves
     (the default on other devices). Drafts only steer speed: output is exact either way."""
     default = best_compact_format() if device.type == "cpu" else "target"
     setting = os.environ.get("VLLM_PTP_DRAFT_WEIGHTS", default)
