@@ -22,9 +22,10 @@ namespace ptp::cpu {
 constexpr int64_t kBlock = 256;  // tokens per prefix-sum block of the search
 
 // How far ahead of its loads panel_gemm_tile prefetches the packed weights. A drafter pass
-// streams every weight once from DRAM, a few FMAs per byte: left to the hardware prefetcher,
-// the AVX2 tile ran a pass's 30 layers at 5 rows in 21.7 ms (int8 weights, 4.9 GB/s) against
-// 7.8 ms with 4 KiB prefetched ahead (Xeon, Sapphire Rapids; 2 KiB: 8.4, 8 KiB: 8.1 ms).
+// streams every weight once, a few FMAs per byte: left to the hardware prefetcher, the AVX2
+// tile ran a pass's 30 layers at 5 rows in 21.7 ms (int8 weights, 4.9 GB/s) against 7.8 ms
+// with 4 KiB prefetched ahead (Sapphire Rapids, the 106 MB of weights cycled, not flushed from
+// its 480 MB L3; 2 KiB: 8.4, 8 KiB: 8.1 ms).
 constexpr int64_t kPrefetchBytes = 4096;
 
 // A gated low-rank update for panel_gemm_tile to add to its panel: y[i] += xa[i][0..width) . b,
