@@ -24,13 +24,18 @@ def _totals(runs: list[dict]) -> dict[str, Any]:
     return total
 
 
+def _tau(tokens, accepted):
+    """Generated tokens per verification step (numbers or numpy arrays)."""
+    return tokens / (tokens - accepted)
+
+
 def _measures(total: dict[str, Any]) -> dict[str, Any]:
     tokens, accepted = total["tokens"], total["num_accepted_tokens"]
     drafter, verify = total["drafter_pass_seconds"], total["verify_pass_seconds"]
     return {
         # Spec-Bench's tau: generated tokens per target verification step (each step emits its
         # accepted drafts plus one token of the target's own).
-        "tau": tokens / (tokens - accepted) if tokens > accepted else 1.0,
+        "tau": _tau(tokens, accepted) if tokens > accepted else 1.0,
         "tokens_per_second": tokens / total["seconds"] if total["seconds"] else 0.0,
         "tokens": tokens,
         "seconds": total["seconds"],
@@ -51,10 +56,6 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
 
 MIN_PAIRED_RUNS = 5  # fewer question runs give no bootstrap interval worth printing
 BOOTSTRAP_SAMPLES = 2000
-
-
-def _tau(tokens, accepted):
-    return tokens / (tokens - accepted)
 
 
 def paired_tau_gap(runs: list[dict], other: list[dict]) -> dict[str, Any] | None:

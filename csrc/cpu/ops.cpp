@@ -3,10 +3,12 @@
 // and a scalar fallback here; the vocabulary passes compute exactly the values of ptp_kernels.h
 // in all three, so the choice never changes a token.
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../op_checks.h"

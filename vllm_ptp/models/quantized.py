@@ -70,7 +70,7 @@ class CompactLinear(Protocol):
 
     def fused_with(
         self, lora_A: torch.Tensor, lora_Bs: list[torch.Tensor]
-    ) -> "LoraFusedLinear | PanelLoraLinear": ...
+    ) -> "LoraFusedLinear | PanelLoraLinear | RowSplitLinear": ...
 
 
 class Int8Linear:
