@@ -210,7 +210,8 @@ def test_compact_draft_weights_stay_close_to_the_target(
     top5 = approximate.topk(5, dim=-1).indices
     assert (top5 == exact.argmax(-1, keepdim=True)).any(-1).all()
     agreement = (approximate.argmax(-1) == exact.argmax(-1)).float().mean()
-    assert agreement >= (0.8 if weight_format == "int8" else 0.95)
+    # 18 positions: one argmax that rounding flips is allowed (oneDNN bf16 on a Zen 4 flips one)
+    assert agreement >= (0.8 if weight_format == "int8" else 0.9)
 
 
 def test_compact_weights_reject_unknown_formats():
