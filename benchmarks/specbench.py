@@ -37,7 +37,8 @@ BENCH_ENGINE_KWARGS: dict[str, Any] = {
     "enable_chunked_prefill": False,
 }
 SAMPLED = {"temperature": 0.7, "top_p": 0.95}
-# vLLM's prompt-lookup speculator at the settings that did best here (benchmarks/README.md).
+# vLLM's prompt-lookup speculator at the settings that did best here (benchmarks/results/
+# ngram-sweep-b1).
 NGRAM_DEFAULTS = {"k": 4, "min": 2, "max": 4}
 
 
@@ -77,7 +78,10 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         v = {**NGRAM_DEFAULTS, **values}
         spec = {"method": "ngram", "num_speculative_tokens": v["k"],
                 "prompt_lookup_min": v["min"], "prompt_lookup_max": v["max"]}
-        return Speculator(f"ngram-k{v['k']}", spec)
+        name = f"ngram-k{v['k']}"
+        if (v["min"], v["max"]) != (NGRAM_DEFAULTS["min"], NGRAM_DEFAULTS["max"]):
+            name += f"-n{v['min']}-{v['max']}"
+        return Speculator(name, spec)
     if kind in CHECKPOINT_KINDS:
         checkpoint = checkpoints.get(kind)
         if checkpoint is None:
@@ -241,6 +245,9 @@ def run_bench(
     """Run every (mode, chunk, speculator) and return the raw runs plus the output checks."""
     if not speculators or speculators[0].spec is not None:
         raise ValueError("the first speculator must be `none` (the speed-up reference)")
+    names = [speculator.name for speculator in speculators]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"speculators {repeated} are given more than once; give each once")
     started = time.perf_counter()
     with every_cpu_core():
         engines = start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS)

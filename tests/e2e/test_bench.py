@@ -79,6 +79,13 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
     no_copy = parse_speculator("ptp:k=8,copy=0", {"ptp": tmp_path})
     assert no_copy.name == "ptp-k8-no-copy-runs"
     assert no_copy.environment == {"VLLM_PTP_COPY_RUNS": "off"}
+    ngram = parse_speculator("ngram:min=1,max=3", {})
+    assert ngram.name == "ngram-k4-n1-3"
+    assert (ngram.spec["prompt_lookup_min"], ngram.spec["prompt_lookup_max"]) == (1, 3)
+    assert parse_speculator("ngram:k=4,min=2,max=4", {}).name == "ngram-k4"
+    with pytest.raises(ValueError, match=r"\['ngram-k4'\] are given more than once"):
+        twice = [parse_speculator(s, {}) for s in ("none", "ngram", "ngram")]
+        run_bench("unused", [], twice, [], 8)
     with pytest.raises(ValueError, match="greedy-bN"):
         Mode.parse("beam-b2")
     with pytest.raises(ValueError, match="must be `none`"):
