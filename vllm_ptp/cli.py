@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per turn")
     p.add_argument(
         "--speculators", nargs="+",
-        help="none | ngram[:k=4,min=2,max=4] | ptp[:k=8] | independent[:k=8] | shallow[:k=8]; the "
+        help="none | ngram[:k=4,min=1,max=3] | ptp[:k=8] | independent[:k=8] | shallow[:k=8]; the "
         f"first must be none (default: those of {' '.join(BENCH_SPECULATORS)} whose "
         "checkpoints exist)",
     )

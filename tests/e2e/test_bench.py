@@ -28,7 +28,7 @@ def test_report_files_and_structure(bench):
         assert (out / name).stat().st_size > 0
     assert set(results["summary"]) == {"greedy-b1", "sampled-b8"}
     for mode in results["summary"].values():
-        assert list(mode) == ["no-spec", "ngram-k4", "ptp-k8"]
+        assert list(mode) == ["no-spec", "ngram-k4-n1-3", "ptp-k8"]
     # 3 single-question chunks at batch 1, one 3-question chunk at batch 8 (all "writing").
     runs = results["runs"]
     assert len(runs) == 3 * 3 + 1 * 3
@@ -55,7 +55,7 @@ def test_numbers_are_consistent(bench):
 def test_greedy_outputs_identical_to_no_speculation(bench):
     _, results = bench
     greedy = [c for c in results["checks"] if c["mode"] == "greedy-b1"]
-    assert {c["speculator"] for c in greedy} == {"ngram-k4", "ptp-k8"}
+    assert {c["speculator"] for c in greedy} == {"ngram-k4-n1-3", "ptp-k8"}
     # The first 3 questions have 2 turns each: 6 answers per speculator.
     assert all(c["identical"] == c["total"] == 6 for c in greedy)
 
@@ -79,11 +79,12 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
     no_copy = parse_speculator("ptp:k=8,copy=0", {"ptp": tmp_path})
     assert no_copy.name == "ptp-k8-no-copy-runs"
     assert no_copy.environment == {"VLLM_PTP_COPY_RUNS": "off"}
-    ngram = parse_speculator("ngram:min=1,max=3", {})
-    assert ngram.name == "ngram-k4-n1-3"
-    assert (ngram.spec["prompt_lookup_min"], ngram.spec["prompt_lookup_max"]) == (1, 3)
-    assert parse_speculator("ngram:k=4,min=2,max=4", {}).name == "ngram-k4"
-    with pytest.raises(ValueError, match=r"\['ngram-k4'\] are given more than once"):
+    ngram = parse_speculator("ngram:k=8,min=2,max=4", {})
+    assert ngram.name == "ngram-k8-n2-4"
+    assert ngram.spec == {"method": "ngram", "num_speculative_tokens": 8,
+                          "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    assert parse_speculator("ngram", {}).name == "ngram-k4-n1-3"  # the sweep's best
+    with pytest.raises(ValueError, match=r"\['ngram-k4-n1-3'\] are given more than once"):
         twice = [parse_speculator(s, {}) for s in ("none", "ngram", "ngram")]
         run_bench("unused", [], twice, [], 8)
     with pytest.raises(ValueError, match="greedy-bN"):
