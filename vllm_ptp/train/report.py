@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import torch
+
 
 def _depth(draft_layers: int | None) -> str:
     return f"the target's top {draft_layers} layers" if draft_layers else "full depth"
@@ -40,7 +42,8 @@ def write_report(out_dir: str | Path, history: dict) -> Path:
         "# Training report",
         "",
         f"- steps: {steps[-1] if steps else 0}, windows per step: {cfg['windows']} x k={k}, "
-        f"training wall time: {history['steps'][-1]['seconds'] / 60:.1f} min (2 CPU cores)",
+        f"training wall time: {history['steps'][-1]['seconds'] / 60:.1f} min "
+        f"(torch threads: {torch.get_num_threads()})",
         f"- drafter: {_depth(cfg.get('draft_layers'))}, LoRA rank {cfg['lora_rank']}, "
         f"u-embedding {cfg['u_embedding']} "
         f"({cfg['u_embedding_size']} vectors), lr {cfg['lr']}, dtype {cfg['dtype']}",
