@@ -9,6 +9,12 @@ def _depth(draft_layers: int | None) -> str:
     return f"the target's top {draft_layers} layers" if draft_layers else "full depth"
 
 
+def _u_embedding(cfg: dict) -> str:
+    if cfg["u_embedding"] == "constant":  # u_embedding_size is unused: u is ignored
+        return "constant (one vector for every request, greedy or sampled)"
+    return f"{cfg['u_embedding']} ({cfg['u_embedding_size']} vectors)"
+
+
 def write_report(out_dir: str | Path, history: dict) -> Path:
     import matplotlib
 
@@ -45,8 +51,7 @@ def write_report(out_dir: str | Path, history: dict) -> Path:
         f"training wall time: {history['steps'][-1]['seconds'] / 60:.1f} min "
         f"(torch threads: {torch.get_num_threads()})",
         f"- drafter: {_depth(cfg.get('draft_layers'))}, LoRA rank {cfg['lora_rank']}, "
-        f"u-embedding {cfg['u_embedding']} "
-        f"({cfg['u_embedding_size']} vectors), lr {cfg['lr']}, dtype {cfg['dtype']}",
+        f"u-embedding {_u_embedding(cfg)}, lr {cfg['lr']}, dtype {cfg['dtype']}",
         *([f"- dependency head of width {cfg['dependency_head']}, re-ranking "
            f"{cfg['dependency_candidates']} candidates"
            + (" (trained alone; the rest of the drafter frozen)" if cfg["head_only"] else "")]
