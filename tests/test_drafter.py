@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_ptp import ops
@@ -272,10 +273,12 @@ def test_adapters_fused_into_the_compact_gemm_match_the_separate_update(
         assert (out[~off] - separate[~off]).norm() < 0.05 * update.norm()
 
 
-@pytest.mark.parametrize("weight_format", compact_formats())
-def test_served_dependency_head_in_compact_weights_drafts_as_its_layers(
+@pytest.mark.parametrize("weight_format", [None, *compact_formats()])
+def test_served_dependency_head_tables_draft_as_its_layers(
     hf_target, target_dir, tmp_path, weight_format
 ):
+    """Serving tabulates the head's maps of token embeddings (in bf16) and may run fc_hidden in
+    the draft weights' format; its corrections and drafts match the head's own layers."""
     config = TargetIdentity.from_hf_config(hf_target.config)
     path = init_checkpoint(target_dir, tmp_path / "c", dependency_head=64, dependency_candidates=8)
     drafter = load_checkpoint(path, config).eval()
@@ -288,16 +291,22 @@ def test_served_dependency_head_in_compact_weights_drafts_as_its_layers(
         hidden = torch.randn(16, 9, config.hidden_size)
         first = torch.randint(config.vocab_size, (16,))
         logits = drafter.logits(hidden)
+        candidates = logits[:, 2].topk(8, dim=-1).indices
+        own = head.maps(drafter.target.embed_tokens)
         exact = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
-        drafter.prepare_for_serving(compact_linear(weight_format))
-        served, own = drafter.served_head, head.maps()
-        assert not isinstance(served.out, torch.nn.Linear)
-        rows, embeds = hidden[:, 2:], hf_target.model.embed_tokens(first)[:, None]
-        direction = served.direction(served.fc_hidden(rows), embeds)
-        expected = own.direction(own.fc_hidden(rows), embeds)
+        drafter.prepare_for_serving(weight_format and compact_linear(weight_format))
+        served = drafter.served_head
+        assert served.previous.dtype == torch.bfloat16
+        corrections = [
+            maps.candidate_scores(
+                candidates,
+                F.silu(maps.fc_hidden(hidden[:, 2]) + maps.previous_part(first, hidden.dtype)),
+            )
+            for maps in (served, own)
+        ]
         drafts = drafter.later_drafts(hidden[:, 2:], logits[:, 2:], first)
-    # The maps themselves, to the format's rounding of the weights.
-    assert (direction - expected).norm() < 0.05 * expected.norm()
+    # The corrections themselves, to bf16's and the format's rounding.
+    assert (corrections[0] - corrections[1]).norm() < 0.05 * corrections[1].norm()
     # Rounding may flip a near tie between candidates, which then changes the rows after it.
     plain = logits[:, 2:].argmax(dim=-1)
     assert (drafts == exact).float().mean() >= 0.9

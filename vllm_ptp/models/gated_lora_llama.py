@@ -127,15 +127,44 @@ class UEmbedding(nn.Module):
 
 @dataclass
 class HeadMaps:
-    """A dependency head's three maps: its own layers, or compact copies of them for serving."""
+    """A dependency head's three layers, read over the target's input embedding `embed`."""
 
     fc_hidden: Projection
     fc_previous: Projection
     out: Projection
+    embed: Callable[[torch.Tensor], torch.Tensor]
 
     def direction(self, hidden_part: torch.Tensor, previous_embeds: torch.Tensor) -> torch.Tensor:
         """d for rows whose fc_hidden(h) is `hidden_part`, given e(previous draft)."""
         return self.out(F.silu(hidden_part + self.fc_previous(previous_embeds)))
+
+    def previous_part(self, previous: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """fc_previous(e(previous)) for draft tokens [N]: [N, width]."""
+        return self.fc_previous(self.embed(previous).to(dtype))
+
+    def candidate_scores(self, candidates: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        """e(c) . out(activation) for candidates [N, C] and activations [N, width]: [N, C]."""
+        embeds = self.embed(candidates).to(activation.dtype)
+        return (embeds @ self.out(activation)[:, :, None])[..., 0]
+
+
+@dataclass
+class HeadTables:
+    """A dependency head for serving: the two maps it applies to token embeddings,
+    fc_previous(e(c)) and out^T e(c), tabulated for every token c once (stored in bf16), so
+    that re-ranking a row is two row gathers and a dot product per candidate instead of two
+    GEMVs. At a pass's few rows those GEMVs were most of the head's time."""
+
+    fc_hidden: Projection
+    previous: torch.Tensor  # [vocab, width]: fc_previous(e(c))
+    candidate: torch.Tensor  # [vocab, width]: out^T e(c), so e(c) . out(a) = candidate[c] . a
+
+    def previous_part(self, previous: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.previous[previous].to(dtype)
+
+    def candidate_scores(self, candidates: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+        embeds = self.candidate[candidates].to(activation.dtype)
+        return (embeds @ activation[:, :, None])[..., 0]
 
 
 class DependencyHead(nn.Module):
@@ -151,22 +180,29 @@ class DependencyHead(nn.Module):
         self.out = nn.Linear(width, hidden_size, bias=False)
         nn.init.zeros_(self.out.weight)
 
-    def maps(self) -> HeadMaps:
-        return HeadMaps(self.fc_hidden, self.fc_previous, self.out)
+    def maps(self, embed: Callable[[torch.Tensor], torch.Tensor]) -> HeadMaps:
+        return HeadMaps(self.fc_hidden, self.fc_previous, self.out, embed)
 
-    def compact_maps(self, linear: Callable[[torch.Tensor], Projection]) -> HeadMaps:
-        """Copies of the three layers as they are now, their weights made compact by `linear`
-        (the draft weights' format): re-ranking runs them on a row or a few per call, where
-        torch's float32 GEMM is slow."""
+    def tables(
+        self,
+        embeddings: torch.Tensor,
+        linear: Callable[[torch.Tensor], Projection] | None,
+    ) -> HeadTables:
+        """The serving form over the target's input embeddings [vocab, hidden] as they are now.
+        `linear`, the draft weights' format, serves fc_hidden too (None: its own layer)."""
+        with torch.no_grad():
+            embeddings = embeddings.to(self.out.weight.dtype)
+            previous = self.fc_previous(embeddings).to(torch.bfloat16)
+            candidate = (embeddings @ self.out.weight).to(torch.bfloat16)
+        if linear is None:
+            return HeadTables(self.fc_hidden, previous, candidate)
+        # torch's float32 GEMM is slow at the row or few that re-ranking runs fc_hidden on.
+        project, bias = linear(self.fc_hidden.weight.detach()), self.fc_hidden.bias.detach()
 
-        def compact(layer: nn.Linear) -> Projection:
-            project = linear(layer.weight.detach())
-            if layer.bias is None:
-                return project
-            bias = layer.bias.detach()
-            return lambda x: project(x) + bias
+        def fc_hidden(x: torch.Tensor) -> torch.Tensor:
+            return project(x) + bias
 
-        return HeadMaps(compact(self.fc_hidden), compact(self.fc_previous), compact(self.out))
+        return HeadTables(fc_hidden, previous, candidate)
 
 
 class LoraAdapter(nn.Module):
@@ -330,7 +366,7 @@ class GatedLoraDrafter(nn.Module):
         )
         self.target: TargetView | None = None
         self.served_projections: list[dict[str, GatedProjection]] | None = None
-        self.served_head: HeadMaps | None = None
+        self.served_head: HeadTables | None = None
 
     @property
     def adapts_token_row(self) -> bool:
@@ -354,7 +390,7 @@ class GatedLoraDrafter(nn.Module):
 
     def bind_target(self, target: TargetView) -> None:
         self.target = target
-        self.served_projections = None
+        self.served_projections, self.served_head = None, None
 
     def prepare_for_serving(
         self, linear: Callable[[torch.Tensor], Projection] | None = None
@@ -362,15 +398,17 @@ class GatedLoraDrafter(nn.Module):
         """Join every layer's adapters to the bound target's projections once, for a drafter
         that will not be trained again. Training joins them in each forward instead, so
         gradients reach every projection's own A and B (the checkpoint's parameters).
-        `linear`, the compact draft weights' format, also makes the dependency head's serving
-        copies (None: it runs its own layers)."""
+        `linear`, the compact draft weights' format, also serves the dependency head's
+        fc_hidden (None: its own layer); the head's maps of token embeddings are tabulated."""
         with torch.no_grad():
             self.served_projections = [
                 self._projections(index, adapters)
                 for index, adapters in zip(self.layer_indices, self.lora)
             ]
-            if self.dependency_head is not None and linear is not None:
-                self.served_head = self.dependency_head.compact_maps(linear)
+            head = self.dependency_head
+            if head is not None:
+                vocab = torch.arange(self.config.target.vocab_size, device=head.out.weight.device)
+                self.served_head = head.tables(self.target.embed_tokens(vocab), linear)
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.named_parameters()}
@@ -411,19 +449,17 @@ class GatedLoraDrafter(nn.Module):
         [N] is the first draft. Without a dependency head each row's argmax; with one, row by
         row, the row's top candidates re-ranked knowing the draft before it (a few small ops
         per row: the candidates' logits are already there)."""
-        head = self.served_head
+        head: HeadMaps | HeadTables | None = self.served_head
         if head is None and self.dependency_head is not None:
-            head = self.dependency_head.maps()
+            head = self.dependency_head.maps(self.target.embed_tokens)
         if head is None or logits.shape[1] == 0:
             return logits.argmax(dim=-1)
         scores, candidates = logits.topk(self.config.dependency_candidates, dim=-1)
-        candidate_embeds = self.target.embed_tokens(candidates).to(hidden.dtype)  # [N, k-1, C, h]
         hidden_part = head.fc_hidden(hidden)
         drafts, previous = [], first
         for row in range(logits.shape[1]):
-            previous_embeds = self.target.embed_tokens(previous).to(hidden.dtype)
-            direction = head.direction(hidden_part[:, row], previous_embeds)
-            corrected = scores[:, row] + (candidate_embeds[:, row] @ direction[:, :, None])[..., 0]
+            activation = F.silu(hidden_part[:, row] + head.previous_part(previous, hidden.dtype))
+            corrected = scores[:, row] + head.candidate_scores(candidates[:, row], activation)
             previous = candidates[:, row].gather(1, corrected.argmax(-1, keepdim=True))[:, 0]
             drafts.append(previous)
         return torch.stack(drafts, dim=1)
@@ -434,7 +470,7 @@ class GatedLoraDrafter(nn.Module):
         """Training: logits of auxiliary rows 2..k over the whole vocabulary with the dependency
         head's correction, given the true previous tokens [N, k - 1]: [N, k - 1, vocab]. hidden
         and logits are those of rows 2..k, as for `later_drafts`."""
-        head = self.dependency_head.maps()
+        head = self.dependency_head.maps(self.target.embed_tokens)
         embeddings = self.target.embed_tokens.weight
         direction = head.direction(head.fc_hidden(hidden), embeddings[previous])
         return logits + direction @ embeddings.T
