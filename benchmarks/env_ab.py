@@ -12,7 +12,13 @@ import dataclasses
 import shlex
 import sys
 
-from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
+from benchmarks.specbench import (
+    Mode,
+    load_questions,
+    parse_speculator,
+    run_bench,
+    stop_engines_on_sigterm,
+)
 from benchmarks.specbench_report import write_results
 from vllm_ptp.cli import _default_checkpoint, _testbed
 
@@ -45,6 +51,7 @@ def main() -> None:
         name, environment = parse_variant(name, assignments)
         speculators.append(dataclasses.replace(ptp, name=name, environment=environment))
     questions = load_questions(per_category=args.per_category)
+    stop_engines_on_sigterm()
     raw = run_bench(str(target), questions, speculators, [Mode.parse(m) for m in args.modes],
                     args.max_tokens)
     command = shlex.join(["python", "-m", "benchmarks.env_ab", *sys.argv[1:]])

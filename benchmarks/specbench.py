@@ -8,6 +8,7 @@ are answered turn by turn with the conversation so far, as MT-bench does.
 """
 
 import os
+import signal
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -216,19 +217,30 @@ def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int):
     return seconds, outputs
 
 
-def start_engines(target: str, speculators: list[Speculator], engine_kwargs: dict[str, Any]):
+def start_engines(
+    target: str,
+    speculators: list[Speculator],
+    engine_kwargs: dict[str, Any],
+    engines: dict[str, Any],
+) -> None:
+    """Start one engine per speculator into `engines` (name -> LLM), one after the other, so
+    that a caller interrupted during start-up can stop the ones already running."""
     from vllm import LLM, SamplingParams
 
     allow_function_rpc()
-    engines = {}
     for speculator in tqdm(speculators, desc="starting engines"):
         with environment(speculator.environment):
             llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
+        engines[speculator.name] = llm
         llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
         if speculator.spec:
             speculation_stats(llm, reset=True)
-        engines[speculator.name] = llm
-    return engines
+
+
+def stop_engines_on_sigterm() -> None:
+    """Make `kill` (SIGTERM) interrupt a bench as Ctrl-C does, so that `run_bench` stops its
+    engines on the way out: by default SIGTERM ends Python at once and leaves them running."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def run_bench(
@@ -246,34 +258,35 @@ def run_bench(
     if repeated := sorted({name for name in names if names.count(name) > 1}):
         raise ValueError(f"speculators {repeated} are given more than once; give each once")
     started = time.perf_counter()
-    with every_cpu_core():
-        engines = start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS)
-        cpu_environment = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
-    startup_seconds = time.perf_counter() - started
-    coupled = [s for s in speculators if s.coupled]
-    min_acceptance = (
-        speculation_stats(engines[coupled[0].name])["min_acceptance"] if coupled else None
-    )
+    engines: dict[str, Any] = {}
     runs: list[ChunkRun] = []
     outputs: dict[tuple[str, str], dict] = {}
     plan = [(mode, chunk) for mode in modes for chunk in chunks(questions, mode.batch)]
-    progress = tqdm(total=len(plan) * len(speculators), desc="Spec-Bench")
     try:
-        for index, (mode, chunk) in enumerate(plan):
-            shift = index % len(speculators)
-            for speculator in speculators[shift:] + speculators[:shift]:
-                llm = engines[speculator.name]
-                seconds, texts = answer(llm, chunk, mode, max_tokens)
-                outputs.setdefault((speculator.name, mode.name), {}).update(texts)
-                run = ChunkRun(speculator.name, mode.name, chunk[0].category,
-                               [q.question_id for q in chunk], seconds,
-                               sum(len(t) for t in texts.values()))
-                if speculator.spec:
-                    _add_stats(run, speculation_stats(llm, reset=True))
-                runs.append(run)
-                progress.update()
+        with every_cpu_core():
+            start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS, engines)
+            cpu_environment = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
+        startup_seconds = time.perf_counter() - started
+        coupled = [s for s in speculators if s.coupled]
+        min_acceptance = (
+            speculation_stats(engines[coupled[0].name])["min_acceptance"] if coupled else None
+        )
+        with tqdm(total=len(plan) * len(speculators), desc="Spec-Bench") as progress:
+            for index, (mode, chunk) in enumerate(plan):
+                shift = index % len(speculators)
+                for speculator in speculators[shift:] + speculators[:shift]:
+                    llm = engines[speculator.name]
+                    seconds, texts = answer(llm, chunk, mode, max_tokens)
+                    outputs.setdefault((speculator.name, mode.name), {}).update(texts)
+                    run = ChunkRun(speculator.name, mode.name, chunk[0].category,
+                                   [q.question_id for q in chunk], seconds,
+                                   sum(len(t) for t in texts.values()))
+                    if speculator.spec:
+                        _add_stats(run, speculation_stats(llm, reset=True))
+                    runs.append(run)
+                    progress.update()
     finally:
-        progress.close()
+        # Also on an interrupt: every engine still running holds its processes and KV cache.
         for llm in engines.values():
             shutdown_engine(llm)
     return {

@@ -132,7 +132,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import shlex
 
-    from benchmarks.specbench import Mode, load_questions, parse_speculator, run_bench
+    from benchmarks.specbench import (
+        Mode,
+        load_questions,
+        parse_speculator,
+        run_bench,
+        stop_engines_on_sigterm,
+    )
     from benchmarks.specbench_report import write_results
     from vllm_ptp.data import SHIPPED_INDEPENDENT_CHECKPOINT, SHIPPED_SHALLOW_CHECKPOINT
 
@@ -155,6 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     modes = [Mode.parse(m) for m in args.modes]
     print(f"target: {target}\nspeculators: {', '.join(s.name for s in speculators)}\n"
           f"questions: {len(questions)}, modes: {', '.join(m.name for m in modes)}")
+    stop_engines_on_sigterm()
     raw = run_bench(str(target), questions, speculators, modes, args.max_tokens)
     command = shlex.join(["vllm-ptp", *sys.argv[1:]])
     print(write_results(raw, args.out, command).read_text())

@@ -1,7 +1,11 @@
 """A quick Spec-Bench run through the real harness: structure and consistency of its report."""
 
 import json
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from benchmarks.specbench import Mode, load_questions, output_checks, parse_speculator, run_bench
@@ -102,3 +106,29 @@ def test_output_checks_locate_each_differing_turn(tmp_path):
     assert check["identical"] == 1 and check["total"] == 3
     assert check["differences"] == [{"question_id": 2, "turn": 0, "token": 1},
                                     {"question_id": 2, "turn": 1, "token": 1}]
+
+
+def test_terminated_bench_stops_its_engines(target_dir, tmp_path):
+    """`kill` on a running bench must not orphan its engines (each holds processes and a KV
+    cache): SIGTERM interrupts it as Ctrl-C does, and run_bench stops them on the way out."""
+    log = tmp_path / "bench.log"
+    command = [sys.executable, "-m", "vllm_ptp.cli", "bench", "--target", str(target_dir),
+               "--speculators", "none", "--limit", "3", "--max-tokens", "64",
+               "--out", str(tmp_path / "out")]
+    with log.open("w") as stream:
+        bench = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while "Spec-Bench" not in log.read_text(errors="replace"):  # engines up, answering
+            assert bench.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "the bench did not start within 10 minutes"
+            time.sleep(1)
+        engines = psutil.Process(bench.pid).children(recursive=True)
+        assert engines, "the bench runs its engine in child processes"
+        bench.terminate()
+        bench.wait(timeout=120)
+    finally:
+        bench.kill()
+    _, alive = psutil.wait_procs(engines, timeout=60)
+    assert not alive, f"engine processes left running: {[p.pid for p in alive]}"
+    assert not (tmp_path / "out" / "results.json").exists()  # interrupted: no report
