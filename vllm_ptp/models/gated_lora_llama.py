@@ -189,11 +189,11 @@ class DependencyHead(nn.Module):
         linear: Callable[[torch.Tensor], Projection] | None,
     ) -> HeadTables:
         """The serving form over the target's input embeddings [vocab, hidden] as they are now.
-        `linear`, the draft weights' format, serves fc_hidden too (None: its own layer)."""
-        with torch.no_grad():
-            embeddings = embeddings.to(self.out.weight.dtype)
-            previous = self.fc_previous(embeddings).to(torch.bfloat16)
-            candidate = (embeddings @ self.out.weight).to(torch.bfloat16)
+        `linear`, the draft weights' format, serves fc_hidden too (None: its own layer).
+        Call without autograd (`prepare_for_serving` does)."""
+        embeddings = embeddings.to(self.out.weight.dtype)
+        previous = self.fc_previous(embeddings).to(torch.bfloat16)
+        candidate = (embeddings @ self.out.weight).to(torch.bfloat16)
         if linear is None:
             return HeadTables(self.fc_hidden, previous, candidate)
         # torch's float32 GEMM is slow at the row or few that re-ranking runs fc_hidden on.
