@@ -3,8 +3,12 @@
 Every speculator gets its own engine with identical settings, all alive for the whole run. The
 questions are cut into chunks (one question at batch 1, up to eight of one category at batch 8)
 and every chunk is answered by every speculator before the next chunk starts, in an order that
-rotates from chunk to chunk, so drift of the machine hits all of them alike. Multi-turn questions
-are answered turn by turn with the conversation so far, as MT-bench does.
+rotates from chunk to chunk, so drift of the machine hits all of them alike. Drift is not the only
+noise: the same settings can run a few percent apart in two engine processes
+(benchmarks/results/zen4-twin-engines-b1). So by default the engines are started twice, the
+second time in reverse order, and the chunks are dealt out over the two start-ups: each
+speculator's numbers come from two processes and from both ends of the start order. Multi-turn
+questions are answered turn by turn with the conversation so far, as MT-bench does.
 """
 
 import os
@@ -186,6 +190,7 @@ class ChunkRun:
     question_ids: list[int]
     seconds: float  # wall time of generation (the chat calls)
     tokens: int  # generated tokens
+    engine_start: int  # which start-up of the engines answered it (odd: in reverse order)
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
@@ -228,7 +233,7 @@ def start_engines(
     from vllm import LLM, SamplingParams
 
     allow_function_rpc()
-    for speculator in tqdm(speculators, desc="starting engines"):
+    for speculator in tqdm(speculators, desc="starting engines", leave=False):
         with environment(speculator.environment):
             llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
         engines[speculator.name] = llm
@@ -250,50 +255,71 @@ def run_bench(
     modes: list[Mode],
     max_tokens: int,
     engine_kwargs: dict[str, Any] | None = None,
+    engine_starts: int = 2,
 ) -> dict[str, Any]:
-    """Run every (mode, chunk, speculator) and return the raw runs plus the output checks."""
+    """Run every (mode, chunk, speculator) and return the raw runs plus the output checks.
+    The engines are started `engine_starts` times, every other time in reverse order, and the
+    chunks are dealt out over the start-ups in turn."""
     if not speculators or speculators[0].spec is not None:
         raise ValueError("the first speculator must be `none` (the speed-up reference)")
     names = [speculator.name for speculator in speculators]
     if repeated := sorted({name for name in names if names.count(name) > 1}):
         raise ValueError(f"speculators {repeated} are given more than once; give each once")
+    if engine_starts < 1:
+        raise ValueError(f"engine_starts={engine_starts}: start the engines at least once")
+    engine_kwargs = engine_kwargs or BENCH_ENGINE_KWARGS
     started = time.perf_counter()
+    startup_seconds = 0.0
     engines: dict[str, Any] = {}
     runs: list[ChunkRun] = []
     outputs: dict[tuple[str, str], dict] = {}
     plan = [(mode, chunk) for mode in modes for chunk in chunks(questions, mode.batch)]
+    if not plan:
+        raise ValueError("nothing to run: give at least one question and one mode")
+    # Chunks dealt out in turn, so that every start-up answers every mode and category alike.
+    parts = [plan[start::engine_starts] for start in range(engine_starts)]
     try:
-        with every_cpu_core():
-            start_engines(target, speculators, engine_kwargs or BENCH_ENGINE_KWARGS, engines)
-            cpu_environment = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
-        startup_seconds = time.perf_counter() - started
+        with tqdm(total=len(plan) * len(speculators), desc="Spec-Bench") as progress:
+            for engine_start, part in enumerate(parts):
+                if not part:  # more start-ups than chunks
+                    break
+                start_order = speculators[::-1] if engine_start % 2 else speculators
+                for llm in engines.values():
+                    shutdown_engine(llm)
+                engines.clear()
+                restarted = time.perf_counter()
+                with every_cpu_core():
+                    start_engines(target, start_order, engine_kwargs, engines)
+                    cpu_environment = {k: v for k, v in os.environ.items()
+                                       if k.startswith("VLLM_CPU_")}
+                startup_seconds += time.perf_counter() - restarted
+                for index, (mode, chunk) in enumerate(part):
+                    shift = index % len(speculators)
+                    for speculator in start_order[shift:] + start_order[:shift]:
+                        llm = engines[speculator.name]
+                        seconds, texts = answer(llm, chunk, mode, max_tokens)
+                        outputs.setdefault((speculator.name, mode.name), {}).update(texts)
+                        run = ChunkRun(speculator.name, mode.name, chunk[0].category,
+                                       [q.question_id for q in chunk], seconds,
+                                       sum(len(t) for t in texts.values()), engine_start)
+                        if speculator.spec:
+                            _add_stats(run, speculation_stats(llm, reset=True))
+                        runs.append(run)
+                        progress.update()
         coupled = [s for s in speculators if s.coupled]
         min_acceptance = (
             speculation_stats(engines[coupled[0].name])["min_acceptance"] if coupled else None
         )
-        with tqdm(total=len(plan) * len(speculators), desc="Spec-Bench") as progress:
-            for index, (mode, chunk) in enumerate(plan):
-                shift = index % len(speculators)
-                for speculator in speculators[shift:] + speculators[:shift]:
-                    llm = engines[speculator.name]
-                    seconds, texts = answer(llm, chunk, mode, max_tokens)
-                    outputs.setdefault((speculator.name, mode.name), {}).update(texts)
-                    run = ChunkRun(speculator.name, mode.name, chunk[0].category,
-                                   [q.question_id for q in chunk], seconds,
-                                   sum(len(t) for t in texts.values()))
-                    if speculator.spec:
-                        _add_stats(run, speculation_stats(llm, reset=True))
-                    runs.append(run)
-                    progress.update()
     finally:
         # Also on an interrupt: every engine still running holds its processes and KV cache.
         for llm in engines.values():
             shutdown_engine(llm)
     return {
         "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
-                     "engine": {k: v for k, v in (engine_kwargs or BENCH_ENGINE_KWARGS).items()},
+                     "engine": dict(engine_kwargs),
                      "cpu_environment": cpu_environment,
                      "speculators": [asdict(s) for s in speculators],
+                     "engine_starts": engine_starts,
                      "ptp_min_acceptance": min_acceptance,
                      "modes": [m.name for m in modes], "sampled": SAMPLED},
         "startup_seconds": startup_seconds,

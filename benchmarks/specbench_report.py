@@ -104,6 +104,11 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             for run in runs:
                 by_category[run["category"]].append(run)
             result["per_category"] = {c: _measures(_totals(rs)) for c, rs in by_category.items()}
+            # The same target work in each engine process: how much the process moved it.
+            result["verify_pass_ms_by_engine_start"] = [
+                _measures(_totals([r for r in runs if r["engine_start"] == i]))["verify_pass_ms"]
+                for i in range(raw["settings"]["engine_starts"])
+            ]
             summary[mode][spec] = result
         names = list(summary[mode])
         for spec in names:
@@ -172,6 +177,19 @@ def _own_environment_note(settings: dict[str, Any]) -> str:
     return f". Engines started with their own environment: {'; '.join(own)}" if own else ""
 
 
+def _engine_start_lines(settings: dict[str, Any], summary: dict) -> list[str]:
+    if settings["engine_starts"] < 2:
+        return []
+    lines = ["", f"The engines were started {settings['engine_starts']} times, every other time "
+             "in reverse order, and the chunks dealt out over the start-ups in turn. Median "
+             "verification pass (ms) per start-up:", ""]
+    for mode, results in summary.items():
+        cells = [f"{spec} " + " / ".join(_fmt(ms, 1) for ms in r["verify_pass_ms_by_engine_start"])
+                 for spec, r in results.items() if r["verify_pass_ms"] is not None]
+        lines.append(f"- {mode}: " + "; ".join(cells))
+    return lines
+
+
 def _gap_cell(gap: dict[str, Any] | None) -> str:
     if gap is None:
         return "–"
@@ -212,7 +230,9 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         + "".join(f"; {k}={v}" for k, v in s.get("cpu_environment", {}).items())
         + _draft_length_note(s)
         + _own_environment_note(s)
-        + f". Engine start-up {raw['startup_seconds']:.0f} s, whole run "
+        + f". Engine start-up {raw['startup_seconds']:.0f} s"
+        + (f" ({s['engine_starts']} start-ups)" if s["engine_starts"] > 1 else "")
+        + ", whole run "
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
         "in the same run, interleaved chunk by chunk.",
         "",
@@ -231,6 +251,7 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
                 f"{r['speedup']:.2f}× | {_fmt(r['drafter_pass_ms'], 1)} | "
                 f"{_fmt(r['verify_pass_ms'], 1)} |"
             )
+    lines += _engine_start_lines(s, summary)
     lines += ["", "Output checks:", ""]
     lines += [f"- {c['mode']}, {c['speculator']}: {c['identical']}/{c['total']} outputs "
               f"{c['check']}" + _differences(c) for c in raw["checks"]]

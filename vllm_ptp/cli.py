@@ -162,7 +162,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"target: {target}\nspeculators: {', '.join(s.name for s in speculators)}\n"
           f"questions: {len(questions)}, modes: {', '.join(m.name for m in modes)}")
     stop_engines_on_sigterm()
-    raw = run_bench(str(target), questions, speculators, modes, args.max_tokens)
+    raw = run_bench(str(target), questions, speculators, modes, args.max_tokens,
+                    engine_starts=args.engine_starts)
     command = shlex.join(["vllm-ptp", *sys.argv[1:]])
     print(write_results(raw, args.out, command).read_text())
 
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+",
                    default=["greedy-b1", "greedy-b8", "sampled-b1", "sampled-b8"],
                    help="greedy-bN / sampled-bN (N concurrent requests)")
+    p.add_argument("--engine-starts", type=int, default=2,
+                   help="start the engines N times, every other time in reverse order, and deal "
+                   "the chunks out over the start-ups: the same engine settings run a few "
+                   "percent apart in different processes (1: quicker)")
     p.add_argument("--out", default="benchmarks/results", help="results directory")
     p.set_defaults(func=cmd_bench)
 

@@ -1,6 +1,7 @@
 """A quick Spec-Bench run through the real harness: structure and consistency of its report."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -37,6 +38,17 @@ def test_report_files_and_structure(bench):
     runs = results["runs"]
     assert len(runs) == 3 * 3 + 1 * 3
     assert all(r["tokens"] > 0 and r["seconds"] > 0 for r in runs)
+    # Chunks 1 and 3 with the engines started in the given order, chunks 2 and 4 after restarting
+    # them in reverse; each part's first chunk is answered in its start order.
+    assert [r["engine_start"] for r in runs] == [0] * 6 + [1] * 6
+    q1, q2, q3 = (q.question_id for q in load_questions(limit=3))
+    assert [r["question_ids"] for r in runs[::3]] == [[q1], [q3], [q2], [q1, q2, q3]]
+    assert [r["speculator"] for r in runs[6:9]] == ["ptp-k8", "ngram-k4-n1-3", "no-spec"]
+    by_start = {mode: r["ptp-k8"]["verify_pass_ms_by_engine_start"]
+                for mode, r in results["summary"].items()}
+    assert all(ms > 0 for ms in by_start["greedy-b1"])
+    assert by_start["sampled-b8"][0] is None and by_start["sampled-b8"][1] > 0
+    assert "verification pass (ms) per start-up" in (out / "README.md").read_text()
     assert "| greedy-b1 | ptp-k8 |" in (out / "README.md").read_text()
 
 
@@ -95,6 +107,11 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
         Mode.parse("beam-b2")
     with pytest.raises(ValueError, match="must be `none`"):
         run_bench("unused", [], [parse_speculator("ptp", {"ptp": tmp_path})], [], 8)
+    none, writing = [parse_speculator("none", {})], load_questions(limit=1)
+    with pytest.raises(ValueError, match="nothing to run"):
+        run_bench("unused", writing, none, [], 8)
+    with pytest.raises(ValueError, match="engine_starts=0"):
+        run_bench("unused", writing, none, [Mode.parse("greedy-b1")], 8, engine_starts=0)
 
 
 def test_output_checks_locate_each_differing_turn(tmp_path):
@@ -119,7 +136,8 @@ def test_terminated_bench_stops_its_engines(target_dir, tmp_path):
         bench = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 600
-        while "Spec-Bench" not in log.read_text(errors="replace"):  # engines up, answering
+        # Engines up and answering: the progress bar has counted a first answered chunk.
+        while not re.search(r"Spec-Bench:.*\| [1-9]\d*/", log.read_text(errors="replace")):
             assert bench.poll() is None, log.read_text(errors="replace")[-2000:]
             assert time.monotonic() < deadline, "the bench did not start within 10 minutes"
             time.sleep(1)
