@@ -242,6 +242,19 @@ def start_engines(
             speculation_stats(llm, reset=True)
 
 
+def _restart_engines(
+    target: str, speculators: list[Speculator], engine_kwargs: dict[str, Any], engines: dict
+) -> dict[str, str]:
+    """Stop the engines in `engines` and start one per speculator, in order, on every core;
+    returns the VLLM_CPU_* environment they started with."""
+    for llm in engines.values():
+        shutdown_engine(llm)
+    engines.clear()
+    with every_cpu_core():
+        start_engines(target, speculators, engine_kwargs, engines)
+        return {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
+
+
 def stop_engines_on_sigterm() -> None:
     """Make `kill` (SIGTERM) interrupt a bench as Ctrl-C does, so that `run_bench` stops its
     engines on the way out: by default SIGTERM ends Python at once and leaves them running."""
@@ -276,22 +289,15 @@ def run_bench(
     plan = [(mode, chunk) for mode in modes for chunk in chunks(questions, mode.batch)]
     if not plan:
         raise ValueError("nothing to run: give at least one question and one mode")
+    engine_starts = min(engine_starts, len(plan))
     # Chunks dealt out in turn, so that every start-up answers every mode and category alike.
     parts = [plan[start::engine_starts] for start in range(engine_starts)]
     try:
         with tqdm(total=len(plan) * len(speculators), desc="Spec-Bench") as progress:
             for engine_start, part in enumerate(parts):
-                if not part:  # more start-ups than chunks
-                    break
                 start_order = speculators[::-1] if engine_start % 2 else speculators
-                for llm in engines.values():
-                    shutdown_engine(llm)
-                engines.clear()
                 restarted = time.perf_counter()
-                with every_cpu_core():
-                    start_engines(target, start_order, engine_kwargs, engines)
-                    cpu_environment = {k: v for k, v in os.environ.items()
-                                       if k.startswith("VLLM_CPU_")}
+                cpu_environment = _restart_engines(target, start_order, engine_kwargs, engines)
                 startup_seconds += time.perf_counter() - restarted
                 for index, (mode, chunk) in enumerate(part):
                     shift = index % len(speculators)
