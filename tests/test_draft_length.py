@@ -47,7 +47,7 @@ def test_steps_without_drafts_change_nothing():
 
 def test_min_acceptance_setting(monkeypatch):
     monkeypatch.delenv("VLLM_PTP_MIN_ACCEPTANCE", raising=False)
-    assert min_acceptance_setting(torch.device("cpu")) == 0.1
+    assert min_acceptance_setting(torch.device("cpu")) == 0.2
     monkeypatch.setenv("VLLM_PTP_MIN_ACCEPTANCE", "0")
     assert min_acceptance_setting(torch.device("cpu")) == 0.0
     for bad in ("1.5", "-0.1", "often"):

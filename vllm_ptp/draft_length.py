@@ -20,9 +20,10 @@ RATE_HALF_LIFE_STEPS = 50
 
 def min_acceptance_setting(device: torch.device) -> float:
     """`VLLM_PTP_MIN_ACCEPTANCE`: the lowest running acceptance rate a draft position needs to
-    be proposed; 0 proposes all k. Default 0.1 on CPU, where a row costs about a tenth of a
-    token's time in each pass, and 0.02 elsewhere (rows are nearly free at small batch)."""
-    default = 0.1 if device.type == "cpu" else 0.02
+    be proposed; 0 proposes all k. Default 0.2 on CPU, where the positions between 0.1 and 0.2
+    cost more than they return (benchmarks/results/zen4-min-acceptance-b1 and -b8), and 0.02
+    elsewhere (rows are nearly free at small batch)."""
+    default = 0.2 if device.type == "cpu" else 0.02
     value = os.environ.get("VLLM_PTP_MIN_ACCEPTANCE")
     if value is None:
         return default
