@@ -222,36 +222,30 @@ def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int):
     return seconds, outputs
 
 
-def start_engines(
+def restart_engines(
     target: str,
     speculators: list[Speculator],
     engine_kwargs: dict[str, Any],
     engines: dict[str, Any],
-) -> None:
-    """Start one engine per speculator into `engines` (name -> LLM), one after the other, so
-    that a caller interrupted during start-up can stop the ones already running."""
+) -> dict[str, str]:
+    """Stop the engines in `engines` (name -> LLM), then start one per speculator into it, in
+    order and on every core. One at a time into the caller's dict, so that a caller interrupted
+    during start-up can stop the ones already running. Returns the VLLM_CPU_* environment they
+    started with."""
     from vllm import LLM, SamplingParams
 
-    allow_function_rpc()
-    for speculator in tqdm(speculators, desc="starting engines", leave=False):
-        with environment(speculator.environment):
-            llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
-        engines[speculator.name] = llm
-        llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
-        if speculator.spec:
-            speculation_stats(llm, reset=True)
-
-
-def _restart_engines(
-    target: str, speculators: list[Speculator], engine_kwargs: dict[str, Any], engines: dict
-) -> dict[str, str]:
-    """Stop the engines in `engines` and start one per speculator, in order, on every core;
-    returns the VLLM_CPU_* environment they started with."""
     for llm in engines.values():
         shutdown_engine(llm)
     engines.clear()
+    allow_function_rpc()
     with every_cpu_core():
-        start_engines(target, speculators, engine_kwargs, engines)
+        for speculator in tqdm(speculators, desc="starting engines", leave=False):
+            with environment(speculator.environment):
+                llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
+            engines[speculator.name] = llm
+            llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+            if speculator.spec:
+                speculation_stats(llm, reset=True)
         return {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
 
 
@@ -297,7 +291,7 @@ def run_bench(
             for engine_start, part in enumerate(parts):
                 start_order = speculators[::-1] if engine_start % 2 else speculators
                 restarted = time.perf_counter()
-                cpu_environment = _restart_engines(target, start_order, engine_kwargs, engines)
+                cpu_environment = restart_engines(target, start_order, engine_kwargs, engines)
                 startup_seconds += time.perf_counter() - restarted
                 for index, (mode, chunk) in enumerate(part):
                     shift = index % len(speculators)
