@@ -1,14 +1,18 @@
-"""A/B of PTP engine settings in one interleaved Spec-Bench run: no speculation plus one PTP
-engine per variant, each started with its own environment variables.
+"""A/B of engine settings in one interleaved Spec-Bench run: no speculation plus one engine
+per variant, each started with its own environment variables.
 
     python -m benchmarks.env_ab --out DIR --variant ptp-int8 VLLM_PTP_DRAFT_WEIGHTS=int8 \
         --variant ptp-fp16 VLLM_PTP_DRAFT_WEIGHTS=fp16 --per-category 1
 
-writes the same report as `vllm-ptp bench` (README.md, results.json, plots) to DIR.
+writes the same report as `vllm-ptp bench` (README.md, results.json, plots) to DIR. A variant is
+PTP at --k unless a speculator of `vllm-ptp bench --speculators` follows its name, e.g.
+`--variant none-thp none THP_MEM_ALLOC_ENABLE=1` for a setting of the engine itself, whose
+speed-up is then over the plain no-speculation engine of the same run.
 """
 
 import argparse
 import dataclasses
+import re
 import shlex
 import sys
 
@@ -20,36 +24,42 @@ from benchmarks.specbench import (
     stop_engines_on_sigterm,
 )
 from benchmarks.specbench_report import write_results
-from vllm_ptp.cli import _default_checkpoint, _testbed
+from vllm_ptp.cli import _testbed, bench_checkpoints
+
+ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")  # VAR=VALUE; a speculator is `kind[:options]`
 
 
-def parse_variant(name: str, assignments: list[str]) -> tuple[str, dict[str, str]]:
+def parse_variant(name: str, words: list[str], default: str) -> tuple[str, str, dict[str, str]]:
+    """NAME [SPECULATOR] [VAR=VALUE ...] -> (name, speculator, environment)."""
+    named = bool(words) and not ASSIGNMENT.match(words[0])
+    speculator, assignments = (words[0], words[1:]) if named else (default, words)
     environment = {}
     for assignment in assignments:
         variable, equals, value = assignment.partition("=")
         if not equals or not variable:
             raise SystemExit(f"variant {name}: expected NAME=VALUE, got {assignment!r}")
         environment[variable] = value
-    return name, environment
+    return name, speculator, environment
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="results directory")
     parser.add_argument("--variant", nargs="+", action="append", required=True,
-                        metavar=("NAME", "VAR=VALUE"), help="a PTP engine and its environment")
+                        metavar=("NAME", "[SPECULATOR] VAR=VALUE"),
+                        help="an engine and its environment (PTP at --k unless named)")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--modes", nargs="+", default=["greedy-b1"])
     parser.add_argument("--per-category", type=int, help="only the first N questions of each")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per turn")
     args = parser.parse_args()
     target = _testbed()
-    checkpoints = {"ptp": _default_checkpoint(target)}
-    ptp = parse_speculator(f"ptp:k={args.k}", checkpoints)
+    checkpoints = bench_checkpoints(target)
     speculators = [parse_speculator("none", checkpoints)]
-    for name, *assignments in args.variant:
-        name, environment = parse_variant(name, assignments)
-        speculators.append(dataclasses.replace(ptp, name=name, environment=environment))
+    for name, *words in args.variant:
+        name, speculator, environment = parse_variant(name, words, f"ptp:k={args.k}")
+        speculators.append(dataclasses.replace(parse_speculator(speculator, checkpoints),
+                                               name=name, environment=environment))
     questions = load_questions(per_category=args.per_category)
     stop_engines_on_sigterm()
     raw = run_bench(str(target), questions, speculators, [Mode.parse(m) for m in args.modes],

@@ -21,6 +21,26 @@ def _default_checkpoint(target: Path) -> Path:
     return untrained
 
 
+def bench_checkpoints(
+    target: Path, ptp: str | None = None, independent: str | None = None,
+    shallow: str | None = None,
+) -> dict[str, Path | None]:
+    """The checkpoint of each PTP-family speculator kind: the given one, else the shipped one
+    (None where none is shipped; an untrained PTP checkpoint if no PTP one is)."""
+    from vllm_ptp.data import SHIPPED_INDEPENDENT_CHECKPOINT, SHIPPED_SHALLOW_CHECKPOINT
+
+    def given_or_shipped(given: str | None, path: Path) -> Path | None:
+        if given:
+            return Path(given)
+        return path if (path / "config.json").is_file() else None
+
+    return {
+        "ptp": Path(ptp) if ptp else _default_checkpoint(target),
+        "independent": given_or_shipped(independent, SHIPPED_INDEPENDENT_CHECKPOINT),
+        "shallow": given_or_shipped(shallow, SHIPPED_SHALLOW_CHECKPOINT),
+    }
+
+
 def _testbed() -> Path:
     from vllm_ptp.testbed import prepare_testbed
 
@@ -140,18 +160,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         stop_engines_on_sigterm,
     )
     from benchmarks.specbench_report import write_results
-    from vllm_ptp.data import SHIPPED_INDEPENDENT_CHECKPOINT, SHIPPED_SHALLOW_CHECKPOINT
-
-    def shipped(path: Path) -> Path | None:
-        return path if (path / "config.json").is_file() else None
 
     target = Path(args.target) if args.target else _testbed()
-    checkpoints = {
-        "ptp": Path(args.ptp) if args.ptp else _default_checkpoint(target),
-        "independent": Path(args.independent) if args.independent
-        else shipped(SHIPPED_INDEPENDENT_CHECKPOINT),
-        "shallow": Path(args.shallow) if args.shallow else shipped(SHIPPED_SHALLOW_CHECKPOINT),
-    }
+    checkpoints = bench_checkpoints(target, args.ptp, args.independent, args.shallow)
     # By default every speculator whose checkpoint exists; named ones must have theirs.
     chosen = args.speculators or [
         s for s in BENCH_SPECULATORS if checkpoints.get(s.split(":")[0], True) is not None

@@ -9,6 +9,7 @@ import time
 import psutil
 import pytest
 
+from benchmarks.env_ab import parse_variant
 from benchmarks.specbench import Mode, load_questions, output_checks, parse_speculator, run_bench
 from benchmarks.specbench_report import write_results
 
@@ -112,6 +113,17 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
         run_bench("unused", writing, none, [], 8)
     with pytest.raises(ValueError, match="engine_starts=0"):
         run_bench("unused", writing, none, [Mode.parse("greedy-b1")], 8, engine_starts=0)
+
+
+def test_env_ab_variants_name_their_speculator_or_default_to_ptp():
+    assert parse_variant("ptp-int8", ["VLLM_PTP_DRAFT_WEIGHTS=int8"], "ptp:k=8") == (
+        "ptp-int8", "ptp:k=8", {"VLLM_PTP_DRAFT_WEIGHTS": "int8"})
+    assert parse_variant("none-thp", ["none", "THP_MEM_ALLOC_ENABLE=1"], "ptp:k=8") == (
+        "none-thp", "none", {"THP_MEM_ALLOC_ENABLE": "1"})
+    assert parse_variant("plain", ["independent:k=4"], "ptp:k=8") == (
+        "plain", "independent:k=4", {})
+    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+        parse_variant("bad", ["none", "THP_MEM_ALLOC_ENABLE"], "ptp:k=8")
 
 
 def test_output_checks_locate_each_differing_turn(tmp_path):
