@@ -15,9 +15,11 @@ import dataclasses
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from benchmarks.specbench import (
     Mode,
+    Speculator,
     load_questions,
     parse_speculator,
     run_bench,
@@ -29,17 +31,22 @@ from vllm_ptp.cli import _testbed, bench_checkpoints
 ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=")  # VAR=VALUE; a speculator is `kind[:options]`
 
 
-def parse_variant(name: str, words: list[str], default: str) -> tuple[str, str, dict[str, str]]:
-    """NAME [SPECULATOR] [VAR=VALUE ...] -> (name, speculator, environment)."""
+def parse_variant(
+    name: str, words: list[str], default: str, checkpoints: dict[str, Path | None]
+) -> Speculator:
+    """NAME [SPECULATOR] [VAR=VALUE ...]: the speculator (`default` if none is named) under NAME,
+    its engine started with these variables on top of the speculator's own."""
     named = bool(words) and not ASSIGNMENT.match(words[0])
-    speculator, assignments = (words[0], words[1:]) if named else (default, words)
+    text, assignments = (words[0], words[1:]) if named else (default, words)
     environment = {}
     for assignment in assignments:
-        variable, equals, value = assignment.partition("=")
-        if not equals or not variable:
-            raise SystemExit(f"variant {name}: expected NAME=VALUE, got {assignment!r}")
+        if not ASSIGNMENT.match(assignment):
+            raise SystemExit(f"variant {name}: expected VAR=VALUE, got {assignment!r}")
+        variable, _, value = assignment.partition("=")
         environment[variable] = value
-    return name, speculator, environment
+    speculator = parse_speculator(text, checkpoints)
+    return dataclasses.replace(speculator, name=name,
+                               environment={**speculator.environment, **environment})
 
 
 def main() -> None:
@@ -56,10 +63,8 @@ def main() -> None:
     target = _testbed()
     checkpoints = bench_checkpoints(target)
     speculators = [parse_speculator("none", checkpoints)]
-    for name, *words in args.variant:
-        name, speculator, environment = parse_variant(name, words, f"ptp:k={args.k}")
-        speculators.append(dataclasses.replace(parse_speculator(speculator, checkpoints),
-                                               name=name, environment=environment))
+    speculators += [parse_variant(name, words, f"ptp:k={args.k}", checkpoints)
+                    for name, *words in args.variant]
     questions = load_questions(per_category=args.per_category)
     stop_engines_on_sigterm()
     raw = run_bench(str(target), questions, speculators, [Mode.parse(m) for m in args.modes],

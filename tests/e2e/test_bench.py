@@ -115,15 +115,21 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
         run_bench("unused", writing, none, [Mode.parse("greedy-b1")], 8, engine_starts=0)
 
 
-def test_env_ab_variants_name_their_speculator_or_default_to_ptp():
-    assert parse_variant("ptp-int8", ["VLLM_PTP_DRAFT_WEIGHTS=int8"], "ptp:k=8") == (
-        "ptp-int8", "ptp:k=8", {"VLLM_PTP_DRAFT_WEIGHTS": "int8"})
-    assert parse_variant("none-thp", ["none", "THP_MEM_ALLOC_ENABLE=1"], "ptp:k=8") == (
-        "none-thp", "none", {"THP_MEM_ALLOC_ENABLE": "1"})
-    assert parse_variant("plain", ["independent:k=4"], "ptp:k=8") == (
-        "plain", "independent:k=4", {})
-    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
-        parse_variant("bad", ["none", "THP_MEM_ALLOC_ENABLE"], "ptp:k=8")
+def test_env_ab_variants_name_their_speculator_or_default_to_ptp(tmp_path):
+    checkpoints = {"ptp": tmp_path, "independent": tmp_path}
+    int8 = parse_variant("ptp-int8", ["VLLM_PTP_DRAFT_WEIGHTS=int8"], "ptp:k=8", checkpoints)
+    assert (int8.name, int8.spec["num_speculative_tokens"], int8.environment) == (
+        "ptp-int8", 8, {"VLLM_PTP_DRAFT_WEIGHTS": "int8"})
+    thp = parse_variant("none-thp", ["none", "THP_MEM_ALLOC_ENABLE=1"], "ptp:k=8", checkpoints)
+    assert (thp.name, thp.spec) == ("none-thp", None)
+    assert thp.environment == {"THP_MEM_ALLOC_ENABLE": "1"}
+    plain = parse_variant("plain", ["independent:k=4"], "ptp:k=8", checkpoints)
+    assert (plain.name, plain.spec["num_speculative_tokens"], plain.environment) == ("plain", 4, {})
+    # the speculator's own variables stay, the variant's come on top
+    no_lookup = parse_variant("x", ["ptp:k=8,lookup=0", "FOO=1"], "ptp:k=8", checkpoints)
+    assert no_lookup.environment == {"VLLM_PTP_PROMPT_LOOKUP": "off", "FOO": "1"}
+    with pytest.raises(SystemExit, match="expected VAR=VALUE"):
+        parse_variant("bad", ["none", "THP_MEM_ALLOC_ENABLE"], "ptp:k=8", checkpoints)
 
 
 def test_output_checks_locate_each_differing_turn(tmp_path):
