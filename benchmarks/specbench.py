@@ -191,6 +191,12 @@ class ChunkRun:
     seconds: float  # wall time of generation (the chat calls)
     tokens: int  # generated tokens
     engine_start: int  # which start-up of the engines answered it (odd: in reverse order)
+    # vLLM's own per-request split (engine-core timestamps), summed over the chunk's requests:
+    # scheduled to first token (the prompt's prefill), and first to last token (decoding the
+    # other tokens - 1 per request). Decoding is what a speculator can speed up.
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
@@ -200,11 +206,30 @@ class ChunkRun:
     verify_pass_seconds: list[float] = field(default_factory=list)
 
 
-def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int):
-    """Answer a chunk turn by turn; returns (seconds, {(question_id, turn): token ids})."""
+@dataclass
+class Answers:
+    """A chunk's answers: token ids per (question_id, turn), and the time they took."""
+
+    outputs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    def add_request_times(self, metrics, num_tokens: int) -> None:
+        """vLLM's RequestStateStats of one finished request (None when the engine keeps no
+        stats: then prefill and decode stay unmeasured, 0)."""
+        if metrics is None:
+            return
+        self.prefill_seconds += metrics.first_token_ts - metrics.scheduled_ts
+        self.decode_seconds += metrics.last_token_ts - metrics.first_token_ts
+        self.decode_tokens += num_tokens - 1
+
+
+def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int) -> Answers:
+    """Answer a chunk turn by turn, each turn with the conversation so far."""
     conversations: dict[int, list[dict]] = {q.question_id: [] for q in chunk}
-    outputs: dict[tuple[int, int], list[int]] = {}
-    seconds = 0.0
+    answers = Answers()
     for turn in range(max(len(q.turns) for q in chunk)):
         active = [q for q in chunk if turn < len(q.turns)]
         for q in active:
@@ -214,12 +239,13 @@ def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int):
         start = time.perf_counter()
         results = llm.chat([conversations[q.question_id] for q in active], params,
                            use_tqdm=False)
-        seconds += time.perf_counter() - start
+        answers.seconds += time.perf_counter() - start
         for q, result in zip(active, results):
             completion = result.outputs[0]
             conversations[q.question_id].append({"role": "assistant", "content": completion.text})
-            outputs[(q.question_id, turn)] = list(completion.token_ids)
-    return seconds, outputs
+            answers.outputs[(q.question_id, turn)] = list(completion.token_ids)
+            answers.add_request_times(result.metrics, len(completion.token_ids))
+    return answers
 
 
 def restart_engines(
@@ -297,11 +323,16 @@ def run_bench(
                     shift = index % len(speculators)
                     for speculator in start_order[shift:] + start_order[:shift]:
                         llm = engines[speculator.name]
-                        seconds, texts = answer(llm, chunk, mode, max_tokens)
+                        answers = answer(llm, chunk, mode, max_tokens)
+                        texts = answers.outputs
                         outputs.setdefault((speculator.name, mode.name), {}).update(texts)
-                        run = ChunkRun(speculator.name, mode.name, chunk[0].category,
-                                       [q.question_id for q in chunk], seconds,
-                                       sum(len(t) for t in texts.values()), engine_start)
+                        run = ChunkRun(
+                            speculator.name, mode.name, chunk[0].category,
+                            [q.question_id for q in chunk], answers.seconds,
+                            sum(len(t) for t in texts.values()), engine_start,
+                            answers.prefill_seconds, answers.decode_seconds,
+                            answers.decode_tokens,
+                        )
                         if speculator.spec:
                             _add_stats(run, speculation_stats(llm, reset=True))
                         runs.append(run)

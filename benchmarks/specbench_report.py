@@ -9,11 +9,12 @@ from statistics import median
 from typing import Any
 
 SUMMED = ("seconds", "tokens", "num_drafts", "num_draft_tokens", "num_accepted_tokens",
-          "num_lookup_drafts")
+          "num_lookup_drafts", "prefill_seconds", "decode_seconds", "decode_tokens")
 
 
 def _totals(runs: list[dict]) -> dict[str, Any]:
-    total = {key: sum(r[key] for r in runs) for key in SUMMED}
+    # Runs recorded before a field existed count as 0 for it (unmeasured).
+    total = {key: sum(r.get(key, 0) for r in runs) for key in SUMMED}
     width = max((len(r["accepted_per_position"]) for r in runs), default=0)
     total["accepted_per_position"] = [
         sum(r["accepted_per_position"][i] for r in runs if i < len(r["accepted_per_position"]))
@@ -32,6 +33,7 @@ def _tau(tokens, accepted):
 def _measures(total: dict[str, Any]) -> dict[str, Any]:
     tokens, accepted = total["tokens"], total["num_accepted_tokens"]
     drafter, verify = total["drafter_pass_seconds"], total["verify_pass_seconds"]
+    decoding = total["decode_seconds"]
     return {
         # Spec-Bench's tau: generated tokens per target verification step (each step emits its
         # accepted drafts plus one token of the target's own).
@@ -39,6 +41,10 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_second": tokens / total["seconds"] if total["seconds"] else 0.0,
         "tokens": tokens,
         "seconds": total["seconds"],
+        # After each request's first token: the rate speculation can change. The prompt's
+        # prefill (its share of the time here) is the same work with or without a speculator.
+        "decode_tokens_per_second": total["decode_tokens"] / decoding if decoding else None,
+        "prefill_share": total["prefill_seconds"] / total["seconds"] if decoding else None,
         "acceptance_by_position": [n / total["num_drafts"] for n in total["accepted_per_position"]]
         if total["num_drafts"] else [],
         "drafts_per_step": total["num_draft_tokens"] / total["num_drafts"]
@@ -125,11 +131,16 @@ def summarize(raw: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 }
         base = summary[mode][reference]
         for result in summary[mode].values():
-            result["speedup"] = result["tokens_per_second"] / base["tokens_per_second"]
+            _add_speedups(result, base)
             for category, measures in result["per_category"].items():
-                measures["speedup"] = (measures["tokens_per_second"]
-                                       / base["per_category"][category]["tokens_per_second"])
+                _add_speedups(measures, base["per_category"][category])
     return summary
+
+
+def _add_speedups(measures: dict[str, Any], base: dict[str, Any]) -> None:
+    measures["speedup"] = measures["tokens_per_second"] / base["tokens_per_second"]
+    ours, theirs = measures["decode_tokens_per_second"], base["decode_tokens_per_second"]
+    measures["decode_speedup"] = ours / theirs if ours and theirs else None
 
 
 def machine() -> dict[str, Any]:
@@ -237,8 +248,8 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         "in the same run, interleaved chunk by chunk.",
         "",
         "| mode | speculator | τ | drafts/step | lookup steps | drafter passes/step | tok/s | "
-        "speed-up | drafter pass ms | verify pass ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "speed-up | prefill share | decode speed-up | drafter pass ms | verify pass ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     coupled = {sp["name"] for sp in s["speculators"] if sp.get("coupled")}  # PTP family
     for mode, results in summary.items():
@@ -248,9 +259,15 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
                 f"| {mode} | {spec} | {r['tau']:.2f} | {_fmt(r.get('drafts_per_step'), 2)} | "
                 f"{_fmt(lookup_share, 2)} | {_fmt(r.get('drafter_passes_per_step'), 2)} | "
                 f"{r['tokens_per_second']:.1f} | "
-                f"{r['speedup']:.2f}× | {_fmt(r['drafter_pass_ms'], 1)} | "
+                f"{r['speedup']:.2f}× | {_fmt(r['prefill_share'], 2)} | "
+                f"{_fmt(r['decode_speedup'], 2)}{'×' if r['decode_speedup'] else ''} | "
+                f"{_fmt(r['drafter_pass_ms'], 1)} | "
                 f"{_fmt(r['verify_pass_ms'], 1)} |"
             )
+    lines += ["", "Prefill share: the part of the generation time from each request's scheduling "
+              "to its first token (vLLM's own request timestamps). Decode speed-up: the same "
+              "ratio as the speed-up, over the tokens after each request's first and their "
+              "time; the prompts' prefill, which no speculator shortens, is left out."]
     lines += _engine_start_lines(s, summary)
     lines += ["", "Output checks:", ""]
     lines += [f"- {c['mode']}, {c['speculator']}: {c['identical']}/{c['total']} outputs "
@@ -301,15 +318,21 @@ def plots(summary: dict, out: Path) -> None:
     fig.savefig(out / "tau_per_category.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(10, 4))
+    # Whole turns, and their decoding alone: the gap between the two is the prompts' prefill.
+    panels = [("speedup", "whole turns")]
+    if all(summary[m][spec]["decode_speedup"] for m in modes for spec in specs):
+        panels.append(("decode_speedup", "decoding (after each request's first token)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
     x = np.arange(len(modes))
     width = 0.8 / len(specs)
-    for i, spec in enumerate(specs):
-        ax.bar(x + i * width, [summary[m][spec]["speedup"] for m in modes], width, label=spec)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x + 0.4 - width / 2, modes)
-    ax.set_ylabel("speed-up vs no speculation")
-    ax.legend(fontsize=8)
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, spec in enumerate(specs):
+            ax.bar(x + i * width, [summary[m][spec][key] for m in modes], width, label=spec)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(x + 0.4 - width / 2, modes)
+        ax.set_title(title)
+    axes[0, 0].set_ylabel("speed-up vs no speculation")
+    axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "speedup.png", dpi=110)
     plt.close(fig)

@@ -1,8 +1,9 @@
-"""The Spec-Bench report's PTP-against-ablation comparison: τ gaps and their intervals."""
+"""The Spec-Bench report's numbers: speed-ups of whole turns and of decoding, and the
+PTP-against-ablation comparison (τ gaps and their intervals)."""
 
 import pytest
 
-from benchmarks.specbench_report import MIN_PAIRED_RUNS, ablation_of, paired_tau_gap
+from benchmarks.specbench_report import MIN_PAIRED_RUNS, ablation_of, paired_tau_gap, summarize
 
 
 def runs(speculator: str, accepted: list[int], tokens: int = 64) -> list[dict]:
@@ -43,3 +44,39 @@ def test_ablation_pairs_with_the_ptp_run_of_the_same_k_and_options():
     assert ablation_of("ptp-k4", names) is None
     assert ablation_of("ptp-k8-no-lookup", names) is None
     assert ablation_of("independent-k8", names) is None
+
+
+def timed_run(speculator: str, seconds: float, prefill: float, decode: float, **fields) -> dict:
+    """One 2-turn question of 64 tokens per turn, with vLLM's prefill/decode split."""
+    return {"speculator": speculator, "mode": "greedy-b1", "category": "qa", "question_ids": [1],
+            "engine_start": 0, "seconds": seconds, "tokens": 128, "num_drafts": 0,
+            "num_draft_tokens": 0, "num_accepted_tokens": 0, "num_lookup_drafts": 0,
+            "accepted_per_position": [], "drafter_pass_seconds": [], "verify_pass_seconds": [],
+            "prefill_seconds": prefill, "decode_seconds": decode, "decode_tokens": 126, **fields}
+
+
+def raw_results(runs: list[dict]) -> dict:
+    return {"runs": runs, "settings": {"modes": ["greedy-b1"], "engine_starts": 1, "speculators": [
+        {"name": "no-spec"}, {"name": "ptp-k8"}]}}
+
+
+def test_decode_speedup_leaves_the_prefill_out():
+    # Both spend 2 s on prefill; PTP decodes in 3 s what no speculation decodes in 9 s.
+    summary = summarize(raw_results([timed_run("no-spec", 12.0, 2.0, 9.0),
+                                     timed_run("ptp-k8", 5.5, 2.0, 3.0, num_accepted_tokens=80)]))
+    base, ptp = summary["greedy-b1"]["no-spec"], summary["greedy-b1"]["ptp-k8"]
+    assert ptp["speedup"] == pytest.approx(12.0 / 5.5)
+    assert ptp["decode_speedup"] == pytest.approx(3.0)
+    assert ptp["per_category"]["qa"]["decode_speedup"] == pytest.approx(3.0)
+    assert ptp["decode_tokens_per_second"] == pytest.approx(126 / 3.0)
+    assert base["prefill_share"] == pytest.approx(2.0 / 12.0)
+    assert ptp["prefill_share"] == pytest.approx(2.0 / 5.5)
+
+
+def test_runs_recorded_before_the_split_have_no_decode_numbers():
+    old = [{k: v for k, v in timed_run(name, 10.0, 0, 0).items()
+            if k not in ("prefill_seconds", "decode_seconds", "decode_tokens")}
+           for name in ("no-spec", "ptp-k8")]
+    ptp = summarize(raw_results(old))["greedy-b1"]["ptp-k8"]
+    assert ptp["speedup"] == pytest.approx(1.0)
+    assert ptp["decode_speedup"] is None and ptp["prefill_share"] is None

@@ -39,6 +39,11 @@ def test_report_files_and_structure(bench):
     runs = results["runs"]
     assert len(runs) == 3 * 3 + 1 * 3
     assert all(r["tokens"] > 0 and r["seconds"] > 0 for r in runs)
+    # vLLM's prefill/decode split: every turn's first token is prefill's (2 turns a question).
+    assert all(r["decode_tokens"] == r["tokens"] - 2 * len(r["question_ids"]) for r in runs)
+    assert all(0 < r["prefill_seconds"] and 0 < r["decode_seconds"] for r in runs)
+    one_at_a_time = [r for r in runs if r["mode"] == "greedy-b1"]
+    assert all(r["prefill_seconds"] + r["decode_seconds"] < r["seconds"] for r in one_at_a_time)
     # Chunks 1 and 3 with the engines started in the given order, chunks 2 and 4 after restarting
     # them in reverse; each part's first chunk is answered in its start order.
     assert [r["engine_start"] for r in runs] == [0] * 6 + [1] * 6
@@ -62,6 +67,9 @@ def test_numbers_are_consistent(bench):
             assert r["tau"] >= 1.0
             assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
             assert r["speedup"] == pytest.approx(r["tokens_per_second"] / base["tokens_per_second"])
+            assert r["decode_speedup"] == pytest.approx(
+                r["decode_tokens_per_second"] / base["decode_tokens_per_second"])
+            assert 0 < r["prefill_share"] < 1
             assert all(0.0 <= a <= 1.0 for a in r["acceptance_by_position"])
         ptp = specs["ptp-k8"]
         assert 1 <= len(ptp["acceptance_by_position"]) <= 8  # positions verified at least once
