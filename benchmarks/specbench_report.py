@@ -322,7 +322,8 @@ def plots(summary: dict, out: Path) -> None:
     panels = [("speedup", "whole turns")]
     if all(summary[m][spec]["decode_speedup"] for m in modes for spec in specs):
         panels.append(("decode_speedup", "decoding (after each request's first token)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False,
+                             sharey=True)
     x = np.arange(len(modes))
     width = 0.8 / len(specs)
     for ax, (key, title) in zip(axes[0], panels):
