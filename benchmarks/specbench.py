@@ -188,9 +188,9 @@ class ChunkRun:
     mode: str
     category: str
     question_ids: list[int]
-    seconds: float  # wall time of generation (the chat calls)
-    tokens: int  # generated tokens
     engine_start: int  # which start-up of the engines answered it (odd: in reverse order)
+    seconds: float = 0.0  # wall time of generation (the chat calls)
+    tokens: int = 0  # generated tokens
     # vLLM's own per-request split (engine-core timestamps), summed over the chunk's requests:
     # scheduled to first token (the prompt's prefill), and first to last token (decoding the
     # other tokens - 1 per request). Decoding is what a speculator can speed up.
@@ -205,20 +205,10 @@ class ChunkRun:
     drafter_pass_seconds: list[float] = field(default_factory=list)
     verify_pass_seconds: list[float] = field(default_factory=list)
 
-
-@dataclass
-class Answers:
-    """A chunk's answers: token ids per (question_id, turn), and the time they took."""
-
-    outputs: dict[tuple[int, int], list[int]] = field(default_factory=dict)
-    seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decode_tokens: int = 0
-
-    def add_request_times(self, metrics, num_tokens: int) -> None:
-        """vLLM's RequestStateStats of one finished request (None when the engine keeps no
-        stats: then prefill and decode stay unmeasured, 0)."""
+    def add_request(self, num_tokens: int, metrics) -> None:
+        """One finished request: its tokens and vLLM's RequestStateStats (None when the engine
+        keeps no stats: then prefill and decode stay unmeasured, 0)."""
+        self.tokens += num_tokens
         if metrics is None:
             return
         self.prefill_seconds += metrics.first_token_ts - metrics.scheduled_ts
@@ -226,10 +216,13 @@ class Answers:
         self.decode_tokens += num_tokens - 1
 
 
-def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int) -> Answers:
-    """Answer a chunk turn by turn, each turn with the conversation so far."""
+def answer(
+    llm, chunk: list[Question], mode: Mode, max_tokens: int, run: ChunkRun
+) -> dict[tuple[int, int], list[int]]:
+    """Answer a chunk turn by turn, each turn with the conversation so far; returns the token
+    ids per (question_id, turn) and adds their time and tokens to `run`."""
     conversations: dict[int, list[dict]] = {q.question_id: [] for q in chunk}
-    answers = Answers()
+    outputs: dict[tuple[int, int], list[int]] = {}
     for turn in range(max(len(q.turns) for q in chunk)):
         active = [q for q in chunk if turn < len(q.turns)]
         for q in active:
@@ -239,13 +232,13 @@ def answer(llm, chunk: list[Question], mode: Mode, max_tokens: int) -> Answers:
         start = time.perf_counter()
         results = llm.chat([conversations[q.question_id] for q in active], params,
                            use_tqdm=False)
-        answers.seconds += time.perf_counter() - start
+        run.seconds += time.perf_counter() - start
         for q, result in zip(active, results):
             completion = result.outputs[0]
             conversations[q.question_id].append({"role": "assistant", "content": completion.text})
-            answers.outputs[(q.question_id, turn)] = list(completion.token_ids)
-            answers.add_request_times(result.metrics, len(completion.token_ids))
-    return answers
+            outputs[(q.question_id, turn)] = list(completion.token_ids)
+            run.add_request(len(completion.token_ids), result.metrics)
+    return outputs
 
 
 def restart_engines(
@@ -323,16 +316,10 @@ def run_bench(
                     shift = index % len(speculators)
                     for speculator in start_order[shift:] + start_order[:shift]:
                         llm = engines[speculator.name]
-                        answers = answer(llm, chunk, mode, max_tokens)
-                        texts = answers.outputs
+                        run = ChunkRun(speculator.name, mode.name, chunk[0].category,
+                                       [q.question_id for q in chunk], engine_start)
+                        texts = answer(llm, chunk, mode, max_tokens, run)
                         outputs.setdefault((speculator.name, mode.name), {}).update(texts)
-                        run = ChunkRun(
-                            speculator.name, mode.name, chunk[0].category,
-                            [q.question_id for q in chunk], answers.seconds,
-                            sum(len(t) for t in texts.values()), engine_start,
-                            answers.prefill_seconds, answers.decode_seconds,
-                            answers.decode_tokens,
-                        )
                         if speculator.spec:
                             _add_stats(run, speculation_stats(llm, reset=True))
                         runs.append(run)
