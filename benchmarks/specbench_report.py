@@ -42,9 +42,13 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
         "tokens": tokens,
         "seconds": total["seconds"],
         # After each request's first token: the rate speculation can change. The prompt's
-        # prefill (its share of the time here) is the same work with or without a speculator.
+        # prefill is the same work with or without a speculator. Both are sums over requests,
+        # of each request's own time: concurrent requests' times overlap, so the prefill share
+        # is of the requests' time (at batch 1, about the wall time) and the decode rate is a
+        # request's own rate (at batch 1, the throughput).
         "decode_tokens_per_second": total["decode_tokens"] / decoding if decoding else None,
-        "prefill_share": total["prefill_seconds"] / total["seconds"] if decoding else None,
+        "prefill_share": total["prefill_seconds"] / (total["prefill_seconds"] + decoding)
+        if decoding else None,
         "acceptance_by_position": [n / total["num_drafts"] for n in total["accepted_per_position"]]
         if total["num_drafts"] else [],
         "drafts_per_step": total["num_draft_tokens"] / total["num_drafts"]
@@ -264,10 +268,12 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
                 f"{_fmt(r['drafter_pass_ms'], 1)} | "
                 f"{_fmt(r['verify_pass_ms'], 1)} |"
             )
-    lines += ["", "Prefill share: the part of the generation time from each request's scheduling "
-              "to its first token (vLLM's own request timestamps). Decode speed-up: the same "
-              "ratio as the speed-up, over the tokens after each request's first and their "
-              "time; the prompts' prefill, which no speculator shortens, is left out."]
+    lines += ["", "Prefill share: the part of each request's time from its scheduling to its "
+              "first token (vLLM's own request timestamps). Decode speed-up: the ratio of the "
+              "decoding rates, each request's tokens after its first over its time from first "
+              "to last token; the prompts' prefill, which no speculator shortens, is left out. "
+              "At batch 1 these are shares and rates of the wall time; with concurrent "
+              "requests, of each request's own time (a request's decoding speed)."]
     lines += _engine_start_lines(s, summary)
     lines += ["", "Output checks:", ""]
     lines += [f"- {c['mode']}, {c['speculator']}: {c['identical']}/{c['total']} outputs "

@@ -69,8 +69,16 @@ def test_decode_speedup_leaves_the_prefill_out():
     assert ptp["decode_speedup"] == pytest.approx(3.0)
     assert ptp["per_category"]["qa"]["decode_speedup"] == pytest.approx(3.0)
     assert ptp["decode_tokens_per_second"] == pytest.approx(126 / 3.0)
-    assert base["prefill_share"] == pytest.approx(2.0 / 12.0)
-    assert ptp["prefill_share"] == pytest.approx(2.0 / 5.5)
+    assert base["prefill_share"] == pytest.approx(2.0 / 11.0)
+    assert ptp["prefill_share"] == pytest.approx(2.0 / 5.0)
+
+
+def test_prefill_share_of_concurrent_requests_is_of_their_own_time():
+    # Eight concurrent requests: their prefill times (8 x 1.5 s) add up to more than the
+    # chunk's 10 s of wall time; each spent 1.5 of its 1.5 + 6 s in prefill.
+    run = timed_run("no-spec", 10.0, prefill=8 * 1.5, decode=8 * 6.0)
+    summary = summarize(raw_results([run, {**run, "speculator": "ptp-k8"}]))
+    assert summary["greedy-b1"]["no-spec"]["prefill_share"] == pytest.approx(1.5 / 7.5)
 
 
 def test_runs_recorded_before_the_split_have_no_decode_numbers():
