@@ -204,6 +204,7 @@ class ChunkRun:
     accepted_per_position: list[int] = field(default_factory=list)
     drafter_pass_seconds: list[float] = field(default_factory=list)
     verify_pass_seconds: list[float] = field(default_factory=list)
+    acceptance_threshold: float | None = None  # PTP's draft-length threshold after the chunk
 
     def add_request(self, num_tokens: int, metrics) -> None:
         """One finished request: its tokens and vLLM's RequestStateStats (None when the engine
@@ -325,9 +326,7 @@ def run_bench(
                         runs.append(run)
                         progress.update()
         coupled = [s for s in speculators if s.coupled]
-        min_acceptance = (
-            speculation_stats(engines[coupled[0].name])["min_acceptance"] if coupled else None
-        )
+        draft_length = speculation_stats(engines[coupled[0].name]) if coupled else {}
     finally:
         # Also on an interrupt: every engine still running holds its processes and KV cache.
         for llm in engines.values():
@@ -338,7 +337,8 @@ def run_bench(
                      "cpu_environment": cpu_environment,
                      "speculators": [asdict(s) for s in speculators],
                      "engine_starts": engine_starts,
-                     "ptp_min_acceptance": min_acceptance,
+                     "ptp_min_acceptance": draft_length.get("min_acceptance"),
+                     "ptp_draft_costs": draft_length.get("draft_costs"),
                      "modes": [m.name for m in modes], "sampled": SAMPLED},
         "startup_seconds": startup_seconds,
         "bench_seconds": time.perf_counter() - started,
@@ -351,6 +351,7 @@ def _add_stats(run: ChunkRun, stats: dict[str, Any]) -> None:
     for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_lookup_drafts",
                 "accepted_per_position", "drafter_pass_seconds", "verify_pass_seconds"):
         setattr(run, key, stats[key])
+    run.acceptance_threshold = stats.get("acceptance_threshold")
 
 
 def output_checks(

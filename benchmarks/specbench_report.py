@@ -22,6 +22,8 @@ def _totals(runs: list[dict]) -> dict[str, Any]:
     ]
     total["drafter_pass_seconds"] = [t for r in runs for t in r["drafter_pass_seconds"]]
     total["verify_pass_seconds"] = [t for r in runs for t in r["verify_pass_seconds"]]
+    total["acceptance_thresholds"] = [r["acceptance_threshold"] for r in runs
+                                      if r.get("acceptance_threshold") is not None]
     return total
 
 
@@ -59,6 +61,9 @@ def _measures(total: dict[str, Any]) -> dict[str, Any]:
         # PTP's drafter passes per drafting step: below 1 where copy runs skipped the pass.
         "drafter_passes_per_step": len(drafter) / total["num_drafts"]
         if drafter and total["num_drafts"] else None,
+        # PTP's draft-length threshold, median over the chunks (each: after the chunk).
+        "acceptance_threshold": median(total["acceptance_thresholds"])
+        if total["acceptance_thresholds"] else None,
         "drafter_pass_ms": 1000 * median(drafter) if drafter else None,
         "verify_pass_ms": 1000 * median(verify) if verify else None,
     }
@@ -182,8 +187,11 @@ def _draft_length_note(settings: dict[str, Any]) -> str:
     threshold = settings.get("ptp_min_acceptance")
     if not threshold:
         return ""
+    raised = (", or more where the passes' rows cost more than a position returns "
+              "(VLLM_PTP_DRAFT_COSTS; the table's threshold column)"
+              if settings.get("ptp_draft_costs") else "")
     return (f". PTP proposes up to k drafts: the positions whose running acceptance is at least "
-            f"{threshold} plus one probe (VLLM_PTP_MIN_ACCEPTANCE)")
+            f"{threshold} (VLLM_PTP_MIN_ACCEPTANCE){raised}, plus one probe")
 
 
 def _own_environment_note(settings: dict[str, Any]) -> str:
@@ -251,9 +259,9 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         f"{raw['bench_seconds'] / 60:.1f} min. One run; speed-ups are ratios of rates measured "
         "in the same run, interleaved chunk by chunk.",
         "",
-        "| mode | speculator | τ | drafts/step | lookup steps | drafter passes/step | tok/s | "
-        "speed-up | prefill share | decode speed-up | drafter pass ms | verify pass ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | speculator | τ | drafts/step | threshold | lookup steps | drafter passes/step | "
+        "tok/s | speed-up | prefill share | decode speed-up | drafter pass ms | verify pass ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     coupled = {sp["name"] for sp in s["speculators"] if sp.get("coupled")}  # PTP family
     for mode, results in summary.items():
@@ -261,8 +269,8 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
             lookup_share = r.get("lookup_share") if spec in coupled else None
             lines.append(
                 f"| {mode} | {spec} | {r['tau']:.2f} | {_fmt(r.get('drafts_per_step'), 2)} | "
-                f"{_fmt(lookup_share, 2)} | {_fmt(r.get('drafter_passes_per_step'), 2)} | "
-                f"{r['tokens_per_second']:.1f} | "
+                f"{_fmt(r.get('acceptance_threshold'), 2)} | {_fmt(lookup_share, 2)} | "
+                f"{_fmt(r.get('drafter_passes_per_step'), 2)} | {r['tokens_per_second']:.1f} | "
                 f"{r['speedup']:.2f}× | {_fmt(r['prefill_share'], 2)} | "
                 f"{_fmt(r['decode_speedup'], 2)}{'×' if r['decode_speedup'] else ''} | "
                 f"{_fmt(r['drafter_pass_ms'], 1)} | "

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from vllm_ptp.draft_length import AdaptiveDraftLength, min_acceptance_setting
+from vllm_ptp.draft_length import (
+    MIN_COST_PASSES,
+    AdaptiveDraftLength,
+    PassCost,
+    draft_costs_setting,
+    min_acceptance_setting,
+)
 
 
 def verify(length: AdaptiveDraftLength, accepted: list[int], steps: int = 200) -> None:
@@ -54,3 +60,62 @@ def test_min_acceptance_setting(monkeypatch):
         monkeypatch.setenv("VLLM_PTP_MIN_ACCEPTANCE", bad)
         with pytest.raises(ValueError, match="VLLM_PTP_MIN_ACCEPTANCE"):
             min_acceptance_setting(torch.device("cpu"))
+
+
+def test_pass_cost_fits_seconds_per_row_once_rows_vary():
+    cost = PassCost()
+    for _ in range(2 * MIN_COST_PASSES):
+        cost.record(rows=9, seconds=0.038)
+    assert cost.seconds_per_row is None  # always 9 rows: the slope is unknown
+    for step in range(2 * MIN_COST_PASSES):
+        rows = 8 + 8 * (step % 6)  # 8..48 rows, as requests come and go
+        cost.record(rows, 0.020 + 0.002 * rows)
+    assert cost.seconds_per_row == pytest.approx(0.002, rel=0.02)
+
+
+def test_pass_cost_needs_enough_passes_and_is_never_negative():
+    cost = PassCost()
+    for rows in range(MIN_COST_PASSES - 1):
+        cost.record(rows, 0.010)
+    assert cost.seconds_per_row is None
+    cost.record(0, 0.5)  # one slow pass at few rows: a negative slope reads as free rows
+    assert cost.seconds_per_row == 0.0
+
+
+def fit_costs(length: AdaptiveDraftLength, drafter_per_row: float, verify_per_row: float,
+              tokens_per_second: float) -> None:
+    for step in range(2 * MIN_COST_PASSES):
+        rows = 8 * (1 + step % 5)
+        length.record_drafter_pass(rows, 0.010 + drafter_per_row * rows)
+        length.record_step(tokens=int(tokens_per_second / 10), seconds=0.1, verify_rows=rows,
+                           verify_seconds=0.030 + verify_per_row * rows)
+
+
+def test_costly_rows_raise_the_threshold_above_the_floor():
+    length = AdaptiveDraftLength(max_k=8, min_acceptance=0.2)
+    assert length.threshold == 0.2  # nothing measured yet
+    # Each position costs 1 + 2 ms per request and the engine makes 150 tokens/s: a position
+    # must be accepted 45% of the time to pay for its rows.
+    fit_costs(length, drafter_per_row=0.001, verify_per_row=0.002, tokens_per_second=150)
+    assert length.threshold == pytest.approx(0.45, rel=0.02)
+    length.rates = [0.95, 0.5, 0.4, 0.2, 0.1, 0.1, 0.1, 0.1]
+    assert length.num_drafts == 3  # positions 1 and 2, and position 3 as the probe
+
+
+def test_cheap_rows_keep_the_floor_and_costs_off_ignore_them():
+    cheap = AdaptiveDraftLength(max_k=8, min_acceptance=0.2)
+    fit_costs(cheap, drafter_per_row=0.0005, verify_per_row=0.0005, tokens_per_second=40)
+    assert cheap.threshold == 0.2  # 1 ms x 40 tokens/s = 0.04 is below the floor
+    off = AdaptiveDraftLength(max_k=8, min_acceptance=0.2, draft_costs=False)
+    fit_costs(off, drafter_per_row=0.001, verify_per_row=0.002, tokens_per_second=150)
+    assert off.threshold == 0.2
+
+
+def test_draft_costs_setting(monkeypatch):
+    monkeypatch.delenv("VLLM_PTP_DRAFT_COSTS", raising=False)
+    assert draft_costs_setting() is True
+    monkeypatch.setenv("VLLM_PTP_DRAFT_COSTS", "off")
+    assert draft_costs_setting() is False
+    monkeypatch.setenv("VLLM_PTP_DRAFT_COSTS", "maybe")
+    with pytest.raises(ValueError, match="VLLM_PTP_DRAFT_COSTS"):
+        draft_costs_setting()

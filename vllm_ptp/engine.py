@@ -97,9 +97,13 @@ def _speculation_stats(worker, reset: bool) -> dict[str, Any]:
         "acceptance_by_position": stats.acceptance_by_position,
         "drafter_pass_seconds": list(drafter_times),
         "verify_pass_seconds": list(verify_times),
-        # PTP's adaptive draft length threshold (VLLM_PTP_MIN_ACCEPTANCE) as the engine set it.
-        "min_acceptance": getattr(getattr(runner, "draft_length", None), "min_acceptance", None),
     }
+    if draft_length := getattr(runner, "draft_length", None):
+        # PTP's adaptive draft length: the floor of its threshold (VLLM_PTP_MIN_ACCEPTANCE),
+        # whether the passes' costs raise it (VLLM_PTP_DRAFT_COSTS), and the threshold now.
+        result["min_acceptance"] = draft_length.min_acceptance
+        result["draft_costs"] = draft_length.draft_costs
+        result["acceptance_threshold"] = draft_length.threshold
     if reset:
         sampler.stats = VerificationStats()
         drafter_times.clear()

@@ -188,7 +188,10 @@ class PTPProposer:
             return drafts
         start = time.perf_counter()
         tokens = self._draft_tokens(batch)
-        self.pass_times.append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.pass_times.append(seconds)
+        self.runner.draft_length.record_drafter_pass(len(batch.batch_index) * (batch.k + 1),
+                                                     seconds)
         if tokens.shape != (len(batch.batch_index), batch.k):
             raise RuntimeError(
                 f"PTP drafter returned drafts of shape {tuple(tokens.shape)}, expected "

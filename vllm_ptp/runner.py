@@ -14,7 +14,11 @@ from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from vllm_ptp import ops, rng
-from vllm_ptp.draft_length import AdaptiveDraftLength, min_acceptance_setting
+from vllm_ptp.draft_length import (
+    AdaptiveDraftLength,
+    draft_costs_setting,
+    min_acceptance_setting,
+)
 from vllm_ptp.proposer import PTPProposer
 from vllm_ptp.sampling import GREEDY_TEMPERATURE, SamplingRows
 from vllm_ptp.verifier import PTPRejectionSampler, PTPSampler
@@ -31,7 +35,9 @@ class PTPRunnerMixin:
     def _init_ptp(self) -> None:
         self.sampler = PTPSampler(self.model_config.logprobs_mode)
         self.draft_length = AdaptiveDraftLength(
-            self.speculative_config.num_speculative_tokens, min_acceptance_setting(self.device)
+            self.speculative_config.num_speculative_tokens,
+            min_acceptance_setting(self.device),
+            draft_costs_setting(),
         )
         self.rejection_sampler = PTPRejectionSampler(
             self.sampler, self.speculative_config, self.device, draft_length=self.draft_length
@@ -39,6 +45,7 @@ class PTPRunnerMixin:
         self.drafter = PTPProposer(self.vllm_config, self.device, self)
         self.verify_pass_times: list[float] = []  # target forward seconds, steps with drafts
         self._last_forward_seconds = 0.0
+        self._last_step_time: float | None = None  # when the previous step reached its drafting
 
     def _model_forward(self, *args, **kwargs):
         start = time.perf_counter()
@@ -73,7 +80,20 @@ class PTPRunnerMixin:
         common_attn_metadata,
         slot_mappings,
     ):
-        """vLLM's, after handing a shallow drafter the target's hidden states it reads."""
+        """vLLM's, after timing the step for the draft length and handing a shallow drafter
+        the target's hidden states it reads."""
+        now = time.perf_counter()
+        # From one step's drafting to the next: a whole step. A step with prompt tokens is not
+        # a decoding step; nor is the step after an idle engine, which always has some.
+        if (spec_decode_metadata is not None and self._last_step_time is not None
+                and _decodes_only(scheduler_output)):
+            self.draft_length.record_step(
+                tokens=sum(len(tokens) for tokens in sampled_token_ids),
+                seconds=now - self._last_step_time,
+                verify_rows=scheduler_output.total_num_scheduled_tokens,
+                verify_seconds=self._last_forward_seconds,
+            )
+        self._last_step_time = now
         if self.drafter.needs_previous_hidden:
             self.drafter.previous_hidden = _hidden_of_newest_tokens(
                 sample_hidden_states, sampled_token_ids, spec_decode_metadata
@@ -130,6 +150,14 @@ def _logits_rows(
         dtype=np.int64,
     )
     return num_drafts, np.cumsum(num_drafts + 1) - (num_drafts + 1)
+
+
+def _decodes_only(scheduler_output) -> bool:
+    """Every scheduled request computes just its newest token and its drafts."""
+    spec_tokens = sum(len(t) for t in scheduler_output.scheduled_spec_decode_tokens.values())
+    return scheduler_output.total_num_scheduled_tokens == (
+        len(scheduler_output.num_scheduled_tokens) + spec_tokens
+    )
 
 
 def _hidden_of_newest_tokens(

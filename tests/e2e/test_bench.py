@@ -75,6 +75,8 @@ def test_numbers_are_consistent(bench):
         assert 1 <= len(ptp["acceptance_by_position"]) <= 8  # positions verified at least once
         assert 1.0 <= ptp["drafts_per_step"] <= 8
         assert ptp["drafter_pass_ms"] > 0 and ptp["verify_pass_ms"] > 0
+        # The draft-length threshold: the floor, or above it where the rows cost more.
+        assert ptp["acceptance_threshold"] >= results["settings"]["ptp_min_acceptance"] > 0
 
 
 def test_greedy_outputs_identical_to_no_speculation(bench):
