@@ -45,6 +45,11 @@ SAMPLED = {"temperature": 0.7, "top_p": 0.95}
 # vLLM's prompt-lookup speculator at the settings that did best here: n-grams of 1 to 3 tokens,
 # 4 drafts (benchmarks/results/ngram-sweep-b1: 1.16x, against 0.87-1.05x for the others).
 NGRAM_DEFAULTS = {"k": 4, "min": 1, "max": 3}
+# vLLM's ngram proposer sets numba's thread count around each batch it matches; under numba's
+# OpenMP threading layer that is the worker thread's OpenMP count, which torch's GEMMs share, and
+# some of the engine's forward passes then ran on one core of two (prefill 1.9x slower). numba's
+# own thread pool leaves OpenMP alone (benchmarks/results/zen4-ngram-threads-b1).
+NGRAM_ENVIRONMENT = {"NUMBA_THREADING_LAYER": "workqueue"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,8 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         v = {**NGRAM_DEFAULTS, **values}
         spec = {"method": "ngram", "num_speculative_tokens": v["k"],
                 "prompt_lookup_min": v["min"], "prompt_lookup_max": v["max"]}
-        return Speculator(f"ngram-k{v['k']}-n{v['min']}-{v['max']}", spec)
+        return Speculator(f"ngram-k{v['k']}-n{v['min']}-{v['max']}", spec,
+                          environment=NGRAM_ENVIRONMENT)
     if kind in CHECKPOINT_KINDS:
         checkpoint = checkpoints.get(kind)
         if checkpoint is None:

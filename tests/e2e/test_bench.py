@@ -1,6 +1,7 @@
 """A quick Spec-Bench run through the real harness: structure and consistency of its report."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
     assert ngram.spec == {"method": "ngram", "num_speculative_tokens": 8,
                           "prompt_lookup_min": 2, "prompt_lookup_max": 4}
     assert parse_speculator("ngram", {}).name == "ngram-k4-n1-3"  # the sweep's best
+    assert ngram.environment == {"NUMBA_THREADING_LAYER": "workqueue"}
     with pytest.raises(ValueError, match=r"\['ngram-k4-n1-3'\] are given more than once"):
         twice = [parse_speculator(s, {}) for s in ("none", "ngram", "ngram")]
         run_bench("unused", [], twice, [], 8)
@@ -123,6 +125,47 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
         run_bench("unused", writing, none, [], 8)
     with pytest.raises(ValueError, match="engine_starts=0"):
         run_bench("unused", writing, none, [Mode.parse("greedy-b1")], 8, engine_starts=0)
+
+
+def _count_forward_threads(worker) -> None:
+    """Make the worker's runner note torch's thread count at each target forward pass."""
+    import torch
+
+    runner = worker.model_runner
+    forward, runner.forward_threads = runner._model_forward, []
+
+    def counted(*args, **kwargs):
+        runner.forward_threads.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    runner._model_forward = counted
+
+
+def _forward_threads(worker) -> list[int]:
+    return worker.model_runner.forward_threads
+
+
+def test_ngram_engine_runs_every_forward_pass_on_every_core(target_dir):
+    # vLLM's ngram proposer resets numba's thread count around each match; under numba's OpenMP
+    # layer that left some forward passes on one core. The bench's ngram environment avoids it.
+    from vllm import LLM, SamplingParams
+
+    from benchmarks.specbench import BENCH_ENGINE_KWARGS
+    from vllm_ptp.engine import allow_function_rpc, environment, every_cpu_core, shutdown_engine
+
+    ngram = parse_speculator("ngram", {})
+    allow_function_rpc()
+    with environment(ngram.environment), every_cpu_core():
+        llm = LLM(model=str(target_dir), speculative_config=ngram.spec, **BENCH_ENGINE_KWARGS)
+    try:
+        llm.collective_rpc(_count_forward_threads)
+        llm.chat([{"role": "user", "content": "Count from one to twenty in words."}],
+                 SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+        threads = llm.collective_rpc(_forward_threads)[0]
+    finally:
+        shutdown_engine(llm)
+    assert len(threads) > 2  # the prefill, then steps that verified ngram drafts
+    assert set(threads) == {len(os.sched_getaffinity(0))}
 
 
 def test_env_ab_variants_name_their_speculator_or_default_to_ptp(tmp_path):
