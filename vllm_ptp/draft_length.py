@@ -23,6 +23,8 @@ import os
 import numpy as np
 import torch
 
+from vllm_ptp.env import ON_OFF, env_choice
+
 # Rate memory in verification steps (exponential average): long enough to smooth one request's
 # luck, short enough to follow a change of prompt mix.
 RATE_HALF_LIFE_STEPS = 50
@@ -56,10 +58,7 @@ def draft_costs_setting() -> bool:
     """`VLLM_PTP_DRAFT_COSTS`: `on` (default) raises the draft-length threshold above
     VLLM_PTP_MIN_ACCEPTANCE where the passes' rows cost more than a position returns; `off`
     keeps it at VLLM_PTP_MIN_ACCEPTANCE."""
-    setting = os.environ.get("VLLM_PTP_DRAFT_COSTS", "on")
-    if setting not in ("on", "off"):
-        raise ValueError(f"VLLM_PTP_DRAFT_COSTS={setting!r} is not one of ('on', 'off')")
-    return setting == "on"
+    return env_choice("VLLM_PTP_DRAFT_COSTS", ON_OFF, "on") == "on"
 
 
 class PassCost:

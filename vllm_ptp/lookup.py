@@ -12,34 +12,25 @@ being copied, and the next drafts are copied straight away, without a drafter pa
 request (at batch 1 that skips the pass: about 40% of a step here).
 """
 
-import os
-
 import numpy as np
 from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens
 
+from vllm_ptp.env import ON_OFF, env_choice
+
 MIN_NGRAM, MAX_NGRAM = 2, 4
 PROMPT_LOOKUP_CHOICES = ("all", "greedy", "off")
-COPY_RUNS_CHOICES = ("on", "off")
 
 
 def prompt_lookup_setting() -> str:
     """`VLLM_PTP_PROMPT_LOOKUP`: which requests get prompt-lookup drafts after their first
     draft: `all` (default), `greedy` requests only, or `off`."""
-    setting = os.environ.get("VLLM_PTP_PROMPT_LOOKUP", "all")
-    if setting not in PROMPT_LOOKUP_CHOICES:
-        raise ValueError(
-            f"VLLM_PTP_PROMPT_LOOKUP={setting!r} is not one of {PROMPT_LOOKUP_CHOICES}"
-        )
-    return setting
+    return env_choice("VLLM_PTP_PROMPT_LOOKUP", PROMPT_LOOKUP_CHOICES, "all")
 
 
 def copy_runs_setting() -> bool:
     """`VLLM_PTP_COPY_RUNS`: `on` (default) copies drafts without a drafter pass while the
     previous step's copied drafts were all accepted; `off` always runs the drafter first."""
-    setting = os.environ.get("VLLM_PTP_COPY_RUNS", "on")
-    if setting not in COPY_RUNS_CHOICES:
-        raise ValueError(f"VLLM_PTP_COPY_RUNS={setting!r} is not one of {COPY_RUNS_CHOICES}")
-    return setting == "on"
+    return env_choice("VLLM_PTP_COPY_RUNS", ON_OFF, "on") == "on"
 
 
 def continuation(tokens: np.ndarray, max_drafts: int) -> np.ndarray:

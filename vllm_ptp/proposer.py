@@ -9,7 +9,6 @@ Where the text repeats, drafts after the first are copied from the context inste
 request's copies keep being accepted it skips the drafter altogether (copy runs, lookup.py).
 """
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 from vllm_ptp import lookup, ops
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import TargetIdentity
+from vllm_ptp.env import env_choice
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
 from vllm_ptp.models.quantized import (
     COMPACT_FORMATS,
@@ -46,11 +46,7 @@ def draft_weights_setting(device: torch.device) -> str:
     else `int8`; `target` reads the served weights themselves
     (the default on other devices). Drafts only steer speed: output is exact either way."""
     default = best_compact_format() if device.type == "cpu" else "target"
-    setting = os.environ.get("VLLM_PTP_DRAFT_WEIGHTS", default)
-    if setting not in DRAFT_WEIGHTS_CHOICES:
-        raise ValueError(
-            f"VLLM_PTP_DRAFT_WEIGHTS={setting!r} is not one of {DRAFT_WEIGHTS_CHOICES}"
-        )
+    setting = env_choice("VLLM_PTP_DRAFT_WEIGHTS", DRAFT_WEIGHTS_CHOICES, default)
     if setting in COMPACT_FORMATS and device.type != "cpu":
         raise ValueError(
             f"VLLM_PTP_DRAFT_WEIGHTS={setting} uses CPU GEMMs; on {device.type} set "
