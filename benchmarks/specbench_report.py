@@ -194,10 +194,11 @@ def _draft_length_note(settings: dict[str, Any]) -> str:
             f"{threshold} (VLLM_PTP_MIN_ACCEPTANCE){raised}, plus one probe")
 
 
-def _own_environment_note(settings: dict[str, Any]) -> str:
-    own = [f"{sp['name']} with " + ", ".join(f"{k}={v}" for k, v in sp["environment"].items())
-           for sp in settings["speculators"] if sp.get("environment")]
-    return f". Engines started with their own environment: {'; '.join(own)}" if own else ""
+def own_settings_note(settings: dict[str, Any]) -> str:
+    own = [f"{sp['name']} with " + ", ".join(f"{k}={v}" for k, v in own_settings.items())
+           for sp in settings["speculators"]
+           if (own_settings := {**sp.get("environment", {}), **sp.get("engine", {})})]
+    return f". Engines started with their own settings: {'; '.join(own)}" if own else ""
 
 
 def _engine_start_lines(settings: dict[str, Any], summary: dict) -> list[str]:
@@ -252,7 +253,7 @@ def markdown(raw: dict[str, Any], summary: dict) -> str:
         + ", ".join(f"{k}={v}" for k, v in s["engine"].items())
         + "".join(f"; {k}={v}" for k, v in s.get("cpu_environment", {}).items())
         + _draft_length_note(s)
-        + _own_environment_note(s)
+        + own_settings_note(s)
         + f". Engine start-up {raw['startup_seconds']:.0f} s"
         + (f" ({s['engine_starts']} start-ups)" if s["engine_starts"] > 1 else "")
         + ", whole run "

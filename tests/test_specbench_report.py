@@ -3,7 +3,13 @@ PTP-against-ablation comparison (τ gaps and their intervals)."""
 
 import pytest
 
-from benchmarks.specbench_report import MIN_PAIRED_RUNS, ablation_of, paired_tau_gap, summarize
+from benchmarks.specbench_report import (
+    MIN_PAIRED_RUNS,
+    ablation_of,
+    own_settings_note,
+    paired_tau_gap,
+    summarize,
+)
 
 
 def runs(speculator: str, accepted: list[int], tokens: int = 64) -> list[dict]:
@@ -88,3 +94,15 @@ def test_runs_recorded_before_the_split_have_no_decode_numbers():
     ptp = summarize(raw_results(old))["greedy-b1"]["ptp-k8"]
     assert ptp["speedup"] == pytest.approx(1.0)
     assert ptp["decode_speedup"] is None and ptp["prefill_share"] is None
+
+
+def test_engines_own_settings_are_named_in_the_report():
+    settings = {"speculators": [
+        {"name": "no-spec", "environment": {}, "engine": {}},
+        {"name": "no-spec-eager", "environment": {}, "engine": {"enforce_eager": True}},
+        {"name": "ptp-costs", "environment": {"VLLM_PTP_DRAFT_COSTS": "on"}},  # older results
+    ]}
+    assert own_settings_note(settings) == (
+        ". Engines started with their own settings: no-spec-eager with enforce_eager=True; "
+        "ptp-costs with VLLM_PTP_DRAFT_COSTS=on")
+    assert own_settings_note({"speculators": [{"name": "no-spec", "environment": {}}]}) == ""

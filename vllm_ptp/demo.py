@@ -6,7 +6,7 @@ from pathlib import Path
 from statistics import median
 
 from vllm_ptp.engine import (
-    TESTBED_ENGINE_KWARGS,
+    MEASURED_ENGINE_KWARGS,
     allow_function_rpc,
     every_cpu_core,
     shutdown_engine,
@@ -38,7 +38,7 @@ def generate(
     allow_function_rpc()
     batch = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
     with every_cpu_core():
-        llm = LLM(model=target, speculative_config=spec, **TESTBED_ENGINE_KWARGS, **batch)
+        llm = LLM(model=target, speculative_config=spec, **MEASURED_ENGINE_KWARGS, **batch)
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up
         if spec:

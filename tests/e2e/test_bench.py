@@ -11,7 +11,14 @@ import psutil
 import pytest
 
 from benchmarks.env_ab import parse_variant
-from benchmarks.specbench import Mode, load_questions, output_checks, parse_speculator, run_bench
+from benchmarks.specbench import (
+    BENCH_ENGINE_KWARGS,
+    Mode,
+    load_questions,
+    output_checks,
+    parse_speculator,
+    run_bench,
+)
 from benchmarks.specbench_report import write_results
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +30,10 @@ def bench(target_dir, ptp_checkpoint, tmp_path_factory):
     checkpoints = {"ptp": ptp_checkpoint}
     speculators = [parse_speculator(s, checkpoints) for s in ("none", "ngram", "ptp")]
     modes = [Mode.parse("greedy-b1"), Mode.parse("sampled-b8")]
-    raw = run_bench(str(target_dir), questions, speculators, modes, max_tokens=32)
+    # Eager targets start in a quarter of the time; test_lossless runs PTP with them compiled.
+    eager = {**BENCH_ENGINE_KWARGS, "enforce_eager": True}
+    raw = run_bench(str(target_dir), questions, speculators, modes, max_tokens=32,
+                    engine_kwargs=eager)
     out = tmp_path_factory.mktemp("bench")
     write_results(raw, out, "vllm-ptp bench --limit 3 --max-tokens 32")
     return out, json.loads((out / "results.json").read_text())
@@ -113,6 +123,15 @@ def test_speculator_and_mode_parsing_errors(tmp_path):
                           "prompt_lookup_min": 2, "prompt_lookup_max": 4}
     assert parse_speculator("ngram", {}).name == "ngram-k4-n1-3"  # the sweep's best
     assert ngram.environment == {"NUMBA_THREADING_LAYER": "workqueue"}
+    # eager=0|1 on any speculator: its engine compiles the target or not, whatever the run's do
+    compiled = parse_speculator("none:eager=0", {})
+    assert (compiled.name, compiled.spec, compiled.engine) == (
+        "no-spec-compiled", None, {"enforce_eager": False})
+    eager = parse_speculator("ptp:k=4,eager=1", {"ptp": tmp_path})
+    assert (eager.name, eager.engine) == ("ptp-k4-eager", {"enforce_eager": True})
+    assert parse_speculator("ptp", {"ptp": tmp_path}).engine == {}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['k'\]; use \['eager'\]"):
+        parse_speculator("none:k=4", {})
     with pytest.raises(ValueError, match=r"\['ngram-k4-n1-3'\] are given more than once"):
         twice = [parse_speculator(s, {}) for s in ("none", "ngram", "ngram")]
         run_bench("unused", [], twice, [], 8)
@@ -150,7 +169,6 @@ def test_ngram_engine_runs_every_forward_pass_on_every_core(target_dir):
     # layer that left some forward passes on one core. The bench's ngram environment avoids it.
     from vllm import LLM, SamplingParams
 
-    from benchmarks.specbench import BENCH_ENGINE_KWARGS
     from vllm_ptp.engine import allow_function_rpc, environment, every_cpu_core, shutdown_engine
 
     ngram = parse_speculator("ngram", {})

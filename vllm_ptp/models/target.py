@@ -63,6 +63,16 @@ def _vllm_linear(module: nn.Module) -> Projection:
     return lambda x: module(x)[0]
 
 
+def _platform_kernel(op: nn.Module) -> Callable:
+    """A vLLM CustomOp's own kernel for this platform. Calling the op would dispatch as in the
+    target's forward: to its torch-native version when the target is compiled (vLLM's default),
+    for inductor to fuse; run eagerly, as the drafter runs, that RoPE took a drafter layer from
+    0.38 to 0.50 ms (SmolLM2, batch 1)."""
+    from vllm.platforms import current_platform
+
+    return op.forward_cpu if current_platform.is_cpu() else op.forward_cuda
+
+
 def from_vllm_llama(model: nn.Module, hf_config) -> TargetView:
     """The target as served by vLLM (LlamaForCausalLM with fused qkv_proj and gate_up_proj)."""
     heads, kv_heads, head_dim = _head_dims(hf_config)
@@ -88,7 +98,8 @@ def from_vllm_llama(model: nn.Module, hf_config) -> TargetView:
         rope_theta=_rope_theta(hf_config),
         rms_norm_eps=hf_config.rms_norm_eps,
         dtype=model.model.norm.weight.dtype,
-        rotary=model.model.layers[0].self_attn.rotary_emb,  # one table, shared by all layers
+        # One table, shared by all layers.
+        rotary=_platform_kernel(model.model.layers[0].self_attn.rotary_emb),
     )
 
 
