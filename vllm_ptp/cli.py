@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-num-seqs", type=int, help="cap the batch (1: one request at a time)")
+    p.add_argument("--max-num-seqs", type=int, default=1,
+                   help="cap the batch (default 1: one request at a time, the latency case; at 8 "
+                   "concurrent requests the two testbed cores are busy and PTP is slower)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pregenerate", help="teacher completions with vLLM (resumable)")
