@@ -15,7 +15,7 @@ TESTBED_ENGINE_KWARGS: dict[str, Any] = {
     "seed": 0,
 }
 # Engines whose speed is reported (demo, bench): the target compiled by torch.compile, vLLM's
-# default. Eagerly, no speculation ran 12% slower and PTP as fast (benchmarks/results/
+# default. Eagerly, no speculation ran 10% slower and PTP as fast (benchmarks/results/
 # zen4-compile-ab-b1), which would flatter every speed-up.
 MEASURED_ENGINE_KWARGS: dict[str, Any] = {**TESTBED_ENGINE_KWARGS, "enforce_eager": False}
 RESERVED_CPU_VARIABLE = "VLLM_CPU_NUM_OF_RESERVED_CPU"
