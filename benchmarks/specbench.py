@@ -27,6 +27,7 @@ from vllm_ptp.engine import (
     allow_function_rpc,
     environment,
     every_cpu_core,
+    same_openmp_runtime,
     shutdown_engine,
     speculation_stats,
     speculative_config,
@@ -270,16 +271,16 @@ def restart_engines(
     engines: dict[str, Any],
 ) -> dict[str, str]:
     """Stop the engines in `engines` (name -> LLM), then start one per speculator into it, in
-    order and on every core. One at a time into the caller's dict, so that a caller interrupted
-    during start-up can stop the ones already running. Returns the VLLM_CPU_* environment they
-    started with."""
+    order, on every core and with one OpenMP runtime. One at a time into the caller's dict, so
+    that a caller interrupted during start-up can stop the ones already running. Returns the
+    VLLM_CPU_* and LD_PRELOAD environment they started with."""
     from vllm import LLM, SamplingParams
 
     for llm in engines.values():
         shutdown_engine(llm)
     engines.clear()
     allow_function_rpc()
-    with every_cpu_core():
+    with every_cpu_core(), same_openmp_runtime():
         for speculator in tqdm(speculators, desc="starting engines", leave=False):
             with environment(speculator.environment):
                 llm = LLM(model=target, speculative_config=speculator.spec,
@@ -288,7 +289,8 @@ def restart_engines(
             llm.generate(["Hello"], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
             if speculator.spec:
                 speculation_stats(llm, reset=True)
-        return {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
+        return {k: v for k, v in os.environ.items()
+                if k.startswith("VLLM_CPU_") or k == "LD_PRELOAD"}
 
 
 def stop_engines_on_sigterm() -> None:

@@ -9,6 +9,7 @@ from vllm_ptp.engine import (
     MEASURED_ENGINE_KWARGS,
     allow_function_rpc,
     every_cpu_core,
+    same_openmp_runtime,
     shutdown_engine,
     speculation_stats,
     speculative_config,
@@ -37,7 +38,7 @@ def generate(
 
     allow_function_rpc()
     batch = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
-    with every_cpu_core():
+    with every_cpu_core(), same_openmp_runtime():
         llm = LLM(model=target, speculative_config=spec, **MEASURED_ENGINE_KWARGS, **batch)
     try:
         llm.chat(chats[:1], sampling_params, use_tqdm=False)  # warm-up

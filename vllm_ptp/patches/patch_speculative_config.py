@@ -4,8 +4,9 @@ Why: vLLM 0.32 detects a speculator from its checkpoint, and a PTP checkpoint is
 not know. How: before vLLM's own `SpeculativeConfig.__post_init__`, a `model` that is a PTP
 checkpoint directory is validated against the target (refusing misfits before any request is
 served) and turned into vLLM's `custom_class` method, whose proposer slot the PTP runner fills;
-the checkpoint path rides along as `ptp_checkpoint`. Remove when vLLM has a speculator-type
-registry for plugins.
+the checkpoint path rides along as `ptp_checkpoint`. On x86 CPUs it also asks for Intel's OpenMP
+runtime in the engine processes, which vLLM spawns after this (`vllm_ptp/openmp.py`). Remove
+when vLLM has a speculator-type registry for plugins.
 """
 
 from pathlib import Path
@@ -14,6 +15,7 @@ from vllm.config.speculative import SpeculativeConfig
 
 from vllm_ptp.checkpoint import load_checkpoint
 from vllm_ptp.config import PTPCheckpointError, TargetIdentity, is_ptp_checkpoint, load_ptp_config
+from vllm_ptp.openmp import prefer_intel_openmp
 
 PROPOSER_CLASS_PATH = "vllm_ptp.proposer.PTPProposer"
 SUPPORTED_LOGPROBS_MODES = ("raw_logprobs", "raw_logits")
@@ -52,6 +54,7 @@ def _configure_ptp(spec: SpeculativeConfig) -> None:
     spec.method = "custom_class"
     spec.model = PROPOSER_CLASS_PATH
     spec.ptp_checkpoint = checkpoint
+    prefer_intel_openmp()
 
 
 def apply() -> None:
