@@ -357,6 +357,7 @@ def run_bench(
             shutdown_engine(llm)
     return {
         "settings": {"max_tokens": max_tokens, "num_questions": len(questions),
+                     "categories": list(dict.fromkeys(q.category for q in questions)),
                      "engine": dict(engine_kwargs),
                      "cpu_environment": cpu_environment,
                      "speculators": [asdict(s) for s in speculators],

@@ -61,9 +61,16 @@ def timed_run(speculator: str, seconds: float, prefill: float, decode: float, **
             "prefill_seconds": prefill, "decode_seconds": decode, "decode_tokens": 126, **fields}
 
 
-def raw_results(runs: list[dict]) -> dict:
+def raw_results(runs: list[dict], categories: tuple[str, ...] = ("qa",)) -> dict:
     return {"runs": runs, "settings": {"modes": ["greedy-b1"], "engine_starts": 1, "speculators": [
-        {"name": "no-spec"}, {"name": "ptp-k8"}]}}
+        {"name": "no-spec"}, {"name": "ptp-k8"}], "categories": list(categories)}}
+
+
+def test_categories_keep_the_question_files_order_whatever_order_they_ran_in():
+    runs = [timed_run(name, 10.0, 1.0, 9.0, category=category)
+            for category in ("rag", "writing") for name in ("no-spec", "ptp-k8")]
+    summary = summarize(raw_results(runs, categories=("writing", "rag")))
+    assert list(summary["greedy-b1"]["ptp-k8"]["per_category"]) == ["writing", "rag"]
 
 
 def test_decode_speedup_leaves_the_prefill_out():
