@@ -40,20 +40,35 @@ def kernel_isa(request):
 def test_context_attention_reads_what_vllm_wrote(block_size, isa):
     """Attention over the paged cache equals torch's attention over the K/V vLLM wrote there."""
     attn_isa = _get_attn_isa(torch.float32, block_size, 64, "auto")
+    check_context_attention(attn_isa, torch.float32, block_size, tolerance=1e-5)
+
+
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM uses AMX attention "
+                    "only on CPUs with AMX")
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_context_attention_reads_vllms_amx_packed_cache(block_size, isa):
+    """With bf16 on a CPU with AMX, vLLM packs its cache for AMX tiles; the drafter reads it."""
+    attn_isa = _get_attn_isa(torch.bfloat16, block_size, 64, "auto")
+    assert attn_isa == "amx"
+    check_context_attention(attn_isa, torch.bfloat16, block_size, tolerance=1e-2)
+
+
+def check_context_attention(attn_isa: str, dtype: torch.dtype, block_size: int,
+                            tolerance: float) -> None:
     heads, kv_heads, head_dim, num_blocks, q_len = 9, 3, 64, 6, 5
     # Two requests whose blocks are scattered: [4, 1, ...] and [2, 5, ...].
     rows = [[4, 1, 0], [2, 5, 0]]
     lengths = [block_size + 5, 2 * block_size - 3]
     layers, written = [], []
     for _ in range(2):
-        cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head_dim)
+        cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * head_dim, dtype=dtype)
         key_cache, value_cache = cache.view(num_blocks, kv_heads, 2 * block_size, head_dim).chunk(
             2, 2
         )
         keys, values = [], []
         for row, length in zip(rows, lengths):
-            k = torch.randn(length, kv_heads, head_dim)
-            v = torch.randn(length, kv_heads, head_dim)
+            k = torch.randn(length, kv_heads, head_dim, dtype=dtype)
+            v = torch.randn(length, kv_heads, head_dim, dtype=dtype)
             slots = torch.tensor([row[t // block_size] * block_size + t % block_size
                                   for t in range(length)])
             ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, attn_isa)
@@ -65,13 +80,13 @@ def test_context_attention_reads_what_vllm_wrote(block_size, isa):
                            torch.tensor(lengths), heads)
     mask = torch.ones(q_len, q_len, dtype=torch.bool).tril()  # rows among themselves
     for layer, (keys, values) in enumerate(written):
-        qkv = torch.randn(2, q_len, heads + 2 * kv_heads, head_dim)
+        qkv = torch.randn(2, q_len, heads + 2 * kv_heads, head_dim, dtype=dtype)
         got = context(layer, qkv, mask=None)  # the context derives the mask from the lengths
         for i, length in enumerate(lengths):
             k, v = keys[i].transpose(0, 1)[None], values[i].transpose(0, 1)[None]
             full_mask = torch.cat((torch.ones(q_len, length, dtype=torch.bool), mask), dim=1)
             expected = draft_attention(qkv[i : i + 1], heads, k, v, full_mask[None, None])
-            torch.testing.assert_close(got[i : i + 1], expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[i : i + 1], expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

