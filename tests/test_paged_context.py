@@ -1,6 +1,8 @@
 """The drafter reads context K/V exactly as vLLM's CPU attention op writes them, and attends
 to them in place as torch's attention would over a gathered copy."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from tests.cpu_isa import use_cpu_isa
 from vllm_ptp import ops as ptp_ops
+from vllm_ptp.config import PTPCheckpointError
 from vllm_ptp.models.attention import draft_attention
-from vllm_ptp.proposer import PagedContext
+from vllm_ptp.proposer import PagedContext, check_kv_cache_dtype
 
 
 class Layer:  # the two attributes PagedContext reads from vLLM's Attention layer
@@ -51,6 +54,21 @@ def test_context_attention_reads_vllms_amx_packed_cache(block_size, isa):
     attn_isa = _get_attn_isa(torch.bfloat16, block_size, 64, "auto")
     assert attn_isa == "amx"
     check_context_attention(attn_isa, torch.bfloat16, block_size, tolerance=1e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2", "float16"])
+def test_a_cache_in_another_dtype_than_the_model_is_refused(cache_dtype):
+    config = SimpleNamespace(cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+                             model_config=SimpleNamespace(dtype=torch.bfloat16))
+    with pytest.raises(PTPCheckpointError, match=f"kv_cache_dtype='{cache_dtype}' is not "
+                       "supported with PTP.*kv_cache_dtype='auto'"):
+        check_kv_cache_dtype(config)
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "bfloat16"])
+def test_a_cache_in_the_models_dtype_is_served(cache_dtype):
+    check_kv_cache_dtype(SimpleNamespace(cache_config=SimpleNamespace(cache_dtype=cache_dtype),
+                                         model_config=SimpleNamespace(dtype=torch.bfloat16)))
 
 
 def check_context_attention(attn_isa: str, dtype: torch.dtype, block_size: int,

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
 
 from vllm_ptp import lookup, ops
 from vllm_ptp.checkpoint import load_checkpoint
-from vllm_ptp.config import TargetIdentity
+from vllm_ptp.config import PTPCheckpointError, TargetIdentity
 from vllm_ptp.env import env_choice
 from vllm_ptp.models.gated_lora_llama import GatedLoraDrafter, draft_query
 from vllm_ptp.models.quantized import (
@@ -56,6 +57,19 @@ def draft_weights_setting(device: torch.device) -> str:
     return setting
 
 
+def check_kv_cache_dtype(vllm_config: VllmConfig) -> None:
+    """The drafter attends to the context's K/V as they lie in vLLM's cache, in the model's
+    dtype; a quantized cache (e.g. fp8) would fail every drafter pass."""
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    model_dtype = vllm_config.model_config.dtype
+    if kv_cache_dtype_str_to_dtype(cache_dtype, vllm_config.model_config) != model_dtype:
+        raise PTPCheckpointError(
+            f"kv_cache_dtype={cache_dtype!r} is not supported with PTP: its drafter reads the "
+            f"KV cache in the model's dtype ({model_dtype}). Serve with kv_cache_dtype='auto' "
+            "(the default), or without the PTP speculator."
+        )
+
+
 @dataclass
 class DraftBatch:
     """The requests drafted for in one pass (N of them)."""
@@ -79,6 +93,7 @@ class PTPProposer:
     """Speculative proposer for PTP checkpoints; see the module docstring."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device | None = None, runner=None):
+        check_kv_cache_dtype(vllm_config)
         self.vllm_config = vllm_config
         self.speculative_config = vllm_config.speculative_config
         self.k = self.speculative_config.num_speculative_tokens

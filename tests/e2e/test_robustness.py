@@ -37,6 +37,14 @@ def test_impossible_k_is_refused_before_serving(target_dir, untrained_checkpoint
         start_engine(target_dir, untrained_checkpoint, k=32)
 
 
+def test_quantized_kv_cache_is_refused_at_engine_start(target_dir, untrained_checkpoint, capfd):
+    # The check runs in the engine's worker: the error reaches the log, the caller vLLM's own.
+    with pytest.raises(RuntimeError, match="Engine core initialization failed"):
+        LLM(model=str(target_dir), speculative_config=speculative_config(untrained_checkpoint, 4),
+            **{**TESTBED_ENGINE_KWARGS, "kv_cache_dtype": "fp8"})
+    assert "kv_cache_dtype='fp8' is not supported with PTP" in "".join(capfd.readouterr())
+
+
 def test_corrupt_checkpoint_is_refused_before_serving(target_dir, untrained_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(untrained_checkpoint, broken)
