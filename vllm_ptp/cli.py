@@ -175,6 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
           f"questions: {len(questions)}, modes: {', '.join(m.name for m in modes)}")
     stop_engines_on_sigterm()
     engine_kwargs = {**BENCH_ENGINE_KWARGS, "enforce_eager": args.enforce_eager}
+    if args.dtype:
+        engine_kwargs["dtype"] = args.dtype
     raw = run_bench(str(target), questions, speculators, modes, args.max_tokens, engine_kwargs,
                     engine_starts=args.engine_starts)
     command = shlex.join(["vllm-ptp", *sys.argv[1:]])
@@ -338,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true",
                    help="run the targets eagerly: engines start in ~20 s, not ~90 s, but no "
                    "speculation runs slower than with vLLM's default torch.compile")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="every engine's dtype (default float32, the testbed's; bfloat16 is "
+                   "faster where the CPU has AMX, but vLLM's bf16 GEMMs round differently at "
+                   "1 and at several rows, so greedy outputs may part from no speculation's)")
     p.add_argument("--out", default="benchmarks/results", help="results directory")
     p.set_defaults(func=cmd_bench)
 
