@@ -124,11 +124,12 @@ class PTPProposer:
         hf_config = self.vllm_config.model_config.hf_config
         checkpoint = ptp_checkpoint_of(self.speculative_config)
         drafter = load_checkpoint(checkpoint, TargetIdentity.from_hf_config(hf_config), self.k)
+        self.drafter = drafter.to(self.device, self.vllm_config.model_config.dtype).eval()
         draft_weights = draft_weights_setting(self.device)
         linear = None if draft_weights == "target" else compact_linear(draft_weights)
-        target = _draft_target(target_model, hf_config, linear, drafter.layer_indices)
-        self.drafter = drafter.to(self.device, target.dtype).eval()
-        self.drafter.bind_target(target)
+        self.drafter.bind_target(
+            _draft_target(target_model, hf_config, linear, self.drafter.layer_indices)
+        )
         self.drafter.prepare_for_serving(linear)
         if self.prompt_lookup != "off":
             lookup.warm_up()
@@ -357,13 +358,9 @@ class PagedContext:
         """ContextAttention; `mask` is implied by the context lengths (the kernel's own mask)."""
         attention = self.attention_layers[layer]
         cache, slots = _cpu_kv_cache(attention, self.block_size), self.slots
-        amx_packed = getattr(attention, "isa", "vec") == "amx"
-        if amx_packed or cache.dtype != qkv.dtype:
-            # A copy of the blocks the context uses, in the kernel's layout and the rows' dtype
-            # (the compact drafter runs in float32 over a bf16 target's cache).
+        if getattr(attention, "isa", "vec") == "amx":
             blocks, slots = self._slots_over_used_blocks
-            cache = ops.amx_blocks_as_vec(cache, blocks) if amx_packed else cache[blocks]
-            cache = cache.to(qkv.dtype)
+            cache = ops.amx_blocks_as_vec(cache, blocks)
         return ops.paged_draft_attention(qkv, self.num_heads, cache, slots, self.context_lens)
 
     @functools.cached_property

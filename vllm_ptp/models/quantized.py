@@ -28,7 +28,6 @@ The copy is made from the projections as served, by applying each to the identit
 linear map), so it needs no access to vLLM's packed weight formats or to the checkpoint files.
 """
 
-import copy
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -38,7 +37,7 @@ import torch
 from vllm import _custom_ops as vllm_ops
 
 from vllm_ptp import ops
-from vllm_ptp.models.target import Rotary, TargetLayer, TargetView
+from vllm_ptp.models.target import TargetLayer, TargetView
 
 _QINT8_MAX = 127
 # oneDNN primitives cached per handler (one per distinct row count, as vLLM's own linears).
@@ -247,9 +246,7 @@ def compact_view(
 ) -> TargetView:
     """The same target with its projections and LM head replaced by compact copies made by
     `linear` (`compact_linear(format)`), in the given layers (the ones the drafter runs; the
-    others are left as served). It runs in float32, whatever the target's dtype: the copies'
-    GEMMs take float32 activations, and for a bf16 target the casts to and from them around
-    every projection cost more than norms, embedding and RoPE in float32."""
+    others are left as served)."""
     q_size = target.num_heads * target.head_dim
 
     def compact(projection: Callable, in_features: int) -> CompactLinear:
@@ -257,10 +254,10 @@ def compact_view(
 
     def compact_layer(layer: TargetLayer) -> TargetLayer:
         return TargetLayer(
-            input_norm=layer.input_norm.float(),
+            input_norm=layer.input_norm,
             qkv=compact(layer.qkv, hidden_size),
             o_proj=compact(layer.o_proj, q_size),
-            post_norm=layer.post_norm.float(),
+            post_norm=layer.post_norm,
             gate_up=compact(layer.gate_up, hidden_size),
             down_proj=compact(layer.down_proj, intermediate_size),
         )
@@ -271,24 +268,4 @@ def compact_view(
             for index, layer in enumerate(target.layers)
         ]
         lm_head = compact(target.lm_head, hidden_size)
-    embed = target.embed_tokens
-    return dataclasses.replace(
-        target,
-        embed_tokens=lambda ids: embed(ids).float(),
-        layers=compact_layers,
-        final_norm=target.final_norm.float(),
-        lm_head=lm_head,
-        dtype=torch.float32,
-        rotary=_float32_rotary(target.rotary),
-    )
-
-
-def _float32_rotary(rotary: Rotary | None) -> Rotary | None:
-    """The target's RoPE op (a bound method of vLLM's rotary module) for float32 rows, from a
-    copy of the module: the module recasts its cos/sin table to each query's dtype and keeps
-    it, which would flip the served target's own table back and forth."""
-    if rotary is None or rotary.__self__.cos_sin_cache.dtype == torch.float32:
-        return rotary
-    module = copy.deepcopy(rotary.__self__)
-    module.cos_sin_cache = module.cos_sin_cache.float()
-    return getattr(module, rotary.__name__)
+    return dataclasses.replace(target, layers=compact_layers, lm_head=lm_head)
