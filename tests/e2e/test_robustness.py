@@ -38,7 +38,8 @@ def test_impossible_k_is_refused_before_serving(target_dir, untrained_checkpoint
 
 
 def test_quantized_kv_cache_is_refused_at_engine_start(target_dir, untrained_checkpoint, capfd):
-    # The check runs in the engine's worker: the error reaches the log, the caller vLLM's own.
+    # The check runs in the engine's worker: its message reaches the engine's log, and the
+    # caller gets vLLM's own start-up error.
     with pytest.raises(RuntimeError, match="Engine core initialization failed"):
         LLM(model=str(target_dir), speculative_config=speculative_config(untrained_checkpoint, 4),
             **{**TESTBED_ENGINE_KWARGS, "kv_cache_dtype": "fp8"})
