@@ -356,12 +356,25 @@ class PagedContext:
 
     def __call__(self, layer: int, qkv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ContextAttention; `mask` is implied by the context lengths (the kernel's own mask)."""
-        attention = self.attention_layers[layer]
-        cache, slots = _cpu_kv_cache(attention, self.block_size), self.slots
-        if getattr(attention, "isa", "vec") == "amx":
-            blocks, slots = self._slots_over_used_blocks
-            cache = ops.amx_blocks_as_vec(cache, blocks)
+        cache, slots = self._vec_layout_cache(self.attention_layers[layer])
         return ops.paged_draft_attention(qkv, self.num_heads, cache, slots, self.context_lens)
+
+    def _vec_layout_cache(self, attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's cache in the layout the kernel reads and the batch's slots in it: vLLM's
+        own, or for "amx" a copy of the blocks the context uses."""
+        isa = getattr(attention, "isa", "vec")
+        if isa not in self.SUPPORTED_ISAS:
+            raise RuntimeError(f"KV-cache layout of CPU attention ISA {isa!r} is not supported")
+        cache = attention.kv_cache
+        if cache.shape[2] != self.block_size:
+            raise RuntimeError(
+                f"KV cache block size {cache.shape[2]} differs from the block table's "
+                f"{self.block_size}; the PTP drafter needs them equal"
+            )
+        if isa != "amx":
+            return cache, self.slots
+        blocks, slots = self._slots_over_used_blocks
+        return ops.amx_blocks_as_vec(cache, blocks), slots
 
     @functools.cached_property
     def _slots_over_used_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,19 +385,6 @@ class PagedContext:
         slots = torch.full_like(self.slots, -1)
         slots[valid] = index * self.block_size + self.slots[valid] % self.block_size
         return blocks, slots
-
-
-def _cpu_kv_cache(attention, block_size: int) -> torch.Tensor:
-    isa = getattr(attention, "isa", "vec")
-    if isa not in PagedContext.SUPPORTED_ISAS:
-        raise RuntimeError(f"KV-cache layout of CPU attention ISA {isa!r} is not supported")
-    cache = attention.kv_cache
-    if cache.shape[2] != block_size:
-        raise RuntimeError(
-            f"KV cache block size {cache.shape[2]} differs from the block table's "
-            f"{block_size}; the PTP drafter needs them equal"
-        )
-    return cache
 
 
 def _check_drafts(
